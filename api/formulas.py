@@ -1,0 +1,117 @@
+"""``/formulas`` and ``/formulas/{id}``: HTTP in, broker calls, HTTP out."""
+
+from __future__ import annotations
+
+import hashlib
+
+import falcon
+
+from api.problems import Problem, invalid
+from api.representation import dumps, formula_document, formula_location
+from broker.errors import FieldError
+from broker.formula import MAX_BODY_BYTES, canonical_json, parse_json, validate_formula
+from broker.interface import IdempotencyKey, SubmissionBroker
+
+DEFAULT_LIMIT = 50
+MAX_LIMIT = 500
+MAX_KEY_LENGTH = 255
+
+
+class FormulasResource:
+    def __init__(self, broker: SubmissionBroker) -> None:
+        self._broker = broker
+
+    def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
+        require_json(req)
+        key = idempotency_key(req)
+        body = read_body(req)
+        document = parse_json(body)
+        draft = validate_formula(document)
+        idempotency = None
+        if key is not None:
+            digest = hashlib.sha256(canonical_json(document).encode("utf-8")).hexdigest()
+            idempotency = IdempotencyKey(key, digest)
+        submission = self._broker.submit(draft, idempotency)
+        resp.status = falcon.HTTP_202
+        resp.location = formula_location(submission.formula.id)
+        if submission.replayed:
+            resp.set_header("Idempotent-Replayed", "true")
+        resp.content_type = falcon.MEDIA_JSON
+        resp.data = dumps(formula_document(submission.formula))
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        limit = page_limit(req)
+        cursor = req.get_param("cursor")
+        if cursor is not None and not cursor:
+            raise invalid([FieldError("cursor", "must not be empty")])
+        page = self._broker.list_formulas(limit, cursor)
+        resp.content_type = falcon.MEDIA_JSON
+        resp.data = dumps(
+            {"items": [formula_document(f) for f in page.items], "next": page.next_cursor}
+        )
+
+
+class FormulaResource:
+    def __init__(self, broker: SubmissionBroker) -> None:
+        self._broker = broker
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response, formula_id: str) -> None:
+        formula = self._broker.get_formula(formula_id)
+        resp.content_type = falcon.MEDIA_JSON
+        resp.data = dumps(formula_document(formula))
+
+
+def require_json(req: falcon.Request) -> None:
+    """415 unless the body is ``application/json`` (any case, parameters allowed)."""
+    media_type = (req.content_type or "").split(";", 1)[0].strip().lower()
+    if media_type != "application/json":
+        raise Problem(
+            415,
+            "unsupported-media-type",
+            "The body must be application/json.",
+            headers={"Accept-Post": "application/json"},
+        )
+
+
+def read_body(req: falcon.Request) -> bytes:
+    """The body, refused with 413 past ``MAX_BODY_BYTES`` without reading the rest."""
+    length = req.content_length
+    if length is not None and length > MAX_BODY_BYTES:
+        raise _too_large()
+    body: bytes = req.bounded_stream.read(MAX_BODY_BYTES + 1)
+    if len(body) > MAX_BODY_BYTES:
+        raise _too_large()
+    return body
+
+
+def _too_large() -> Problem:
+    # The rest of the body is never read, so the connection cannot be reused.
+    return Problem(
+        413,
+        "body-too-large",
+        f"The body is larger than {MAX_BODY_BYTES} bytes.",
+        headers={"Connection": "close"},
+    )
+
+
+def idempotency_key(req: falcon.Request) -> str | None:
+    """The ``Idempotency-Key`` header: 1-255 printable ASCII, quotes optional."""
+    raw = req.get_header("Idempotency-Key")
+    if raw is None:
+        return None
+    key = raw[1:-1] if len(raw) >= 2 and raw[0] == raw[-1] == '"' else raw
+    if not 1 <= len(key) <= MAX_KEY_LENGTH or not all(" " <= ch <= "~" for ch in key):
+        raise invalid(
+            [FieldError("Idempotency-Key", "must be 1 to 255 printable ASCII characters")],
+            "The Idempotency-Key header is not valid.",
+        )
+    return key
+
+
+def page_limit(req: falcon.Request) -> int:
+    raw = req.get_param("limit")
+    if raw is None:
+        return DEFAULT_LIMIT
+    if not raw.isdigit() or not 1 <= int(raw) <= MAX_LIMIT:
+        raise invalid([FieldError("limit", f"must be a whole number from 1 to {MAX_LIMIT}")])
+    return int(raw)

@@ -1,0 +1,81 @@
+"""``python -m broker``: run the broker process until SIGTERM or Ctrl-C."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+from dataclasses import replace
+from pathlib import Path
+from types import FrameType
+
+from broker.manager import make_server
+from broker.service import Broker
+from broker.settings import Settings, SettingsError
+
+log = logging.getLogger("broker")
+
+EXIT_OK = 0
+EXIT_CONFIG = 2
+
+
+def parse_args(argv: list[str] | None, settings: Settings) -> Settings:
+    parser = argparse.ArgumentParser(prog="python -m broker", description=__doc__)
+    parser.add_argument("--address", help="Unix socket path or host:port (FORMULARY_BROKER_ADDRESS)")
+    parser.add_argument("--data", help="SQLite journal path or :memory: (FORMULARY_DATA)")
+    parser.add_argument("--admin-socket", type=Path, help="admin socket path (FORMULARY_ADMIN_SOCKET)")
+    parser.add_argument("--log-level", help="DEBUG, INFO, WARNING... (FORMULARY_LOG_LEVEL)")
+    args = parser.parse_args(argv)
+    overrides = {
+        "broker_address": args.address,
+        "data": args.data,
+        "admin_socket": args.admin_socket,
+        "log_level": args.log_level.upper() if args.log_level else None,
+    }
+    return replace(settings, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        settings = parse_args(argv, Settings.from_env())
+    except SettingsError as exc:
+        print(f"broker: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    logging.basicConfig(
+        level=settings.log_level,
+        format="%(asctime)s %(levelname)s %(name)s [%(process)d] %(message)s",
+    )
+    broker = Broker(
+        queue_capacity=settings.queue_capacity,
+        visibility_timeout=settings.visibility_timeout,
+        max_deliveries=settings.max_deliveries,
+        idempotency_ttl=settings.idempotency_ttl,
+    )
+    try:
+        server = make_server(broker, settings)
+    except (SettingsError, OSError) as exc:
+        log.error("cannot start: %s", exc)
+        return EXIT_CONFIG
+
+    def stop(signum: int, frame: FrameType | None) -> None:
+        # Only record it: serve_forever's loop notices within a second.
+        server.stop_event.set()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    log.info("broker serving on %s (pid %d)", settings.broker_address, os.getpid())
+    try:
+        server.serve_forever()
+    except SystemExit:
+        pass
+    finally:
+        if not settings.uses_tcp:
+            Path(settings.broker_address).unlink(missing_ok=True)
+        log.info("broker stopped")
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

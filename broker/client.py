@@ -1,0 +1,172 @@
+"""Talking to the broker process from another process.
+
+``BrokerClient`` satisfies ``SubmissionBroker`` and ``ConsumerBroker``. It
+connects lazily, on the first call, so a client made before ``os.fork`` (as
+gunicorn forks) is never shared: each process makes its own connection. When
+the broker goes away it raises ``BrokerUnavailable`` and connects afresh on the
+next call, so callers recover by themselves once the broker is back.
+
+Retries. A call whose request may have reached the broker is retried only
+when repeating it is harmless (reads). A write (``submit``, ``complete``,
+``ack``...) is retried only when the request cannot have been sent: the
+connection was refused, or the socket was already closed when we wrote to it.
+Otherwise the caller gets ``BrokerUnavailable`` and decides (the API answers
+503; an ``Idempotency-Key`` makes the client's retry safe).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Callable, Mapping
+from multiprocessing import AuthenticationError
+from typing import Any, TypeVar
+
+from broker.errors import BrokerUnavailable
+from broker.formula import FormulaDraft
+from broker.interface import (
+    BrokerStats,
+    Delivery,
+    FormulaPage,
+    FormulaView,
+    IdempotencyKey,
+    MessageInfo,
+    Submission,
+)
+from broker.manager import AuthkeyError, BrokerManager, BrokerProxy, read_authkey
+from broker.settings import Settings
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# Raised while connecting, or when writing to a socket the broker closed:
+# the request was not delivered.
+_NOT_SENT = (ConnectionRefusedError, FileNotFoundError, BrokenPipeError)
+# Anything else that says the connection is gone.
+_CONNECTION_LOST = (OSError, EOFError)
+
+
+class BrokerClient:
+    """A broker in another process, reached over the manager protocol."""
+
+    def __init__(self, settings: Settings, *, connect_timeout: float = 5.0) -> None:
+        self._settings = settings
+        self._connect_timeout = connect_timeout
+        self._local = threading.local()
+        self._pid = os.getpid()
+
+    # -- SubmissionBroker ------------------------------------------------------
+
+    def ping(self) -> bool:
+        return self._call(lambda b: b.ping(), idempotent=True)
+
+    def submit(self, draft: FormulaDraft, idempotency: IdempotencyKey | None = None) -> Submission:
+        return self._call(lambda b: b.submit(draft, idempotency), idempotent=False)
+
+    def get_formula(self, formula_id: str) -> FormulaView:
+        return self._call(lambda b: b.get_formula(formula_id), idempotent=True)
+
+    def list_formulas(self, limit: int, cursor: str | None = None) -> FormulaPage:
+        return self._call(lambda b: b.list_formulas(limit, cursor), idempotent=True)
+
+    def stats(self) -> BrokerStats:
+        return self._call(lambda b: b.stats(), idempotent=True)
+
+    # -- ConsumerBroker --------------------------------------------------------
+
+    def receive(
+        self,
+        consumer: str,
+        max_messages: int = 1,
+        visibility_timeout: float | None = None,
+        wait_seconds: float = 0.0,
+    ) -> list[Delivery]:
+        return self._call(
+            lambda b: b.receive(consumer, max_messages, visibility_timeout, wait_seconds),
+            idempotent=False,
+        )
+
+    def complete(self, receipt: str, summary: Mapping[str, Any]) -> bool:
+        return self._call(lambda b: b.complete(receipt, summary), idempotent=False)
+
+    def ack(self, receipt: str) -> bool:
+        return self._call(lambda b: b.ack(receipt), idempotent=False)
+
+    def nack(self, receipt: str, delay: float = 0.0) -> None:
+        self._call(lambda b: b.nack(receipt, delay), idempotent=False)
+
+    def extend(self, receipt: str, seconds: float) -> float:
+        return self._call(lambda b: b.extend(receipt, seconds), idempotent=False)
+
+    # -- operators -------------------------------------------------------------
+
+    def dead_letters(self, limit: int | None = None) -> list[MessageInfo]:
+        return self._call(lambda b: b.dead_letters(limit), idempotent=True)
+
+    def redrive(self, message_id: str) -> None:
+        self._call(lambda b: b.redrive(message_id), idempotent=False)
+
+    def redrive_all(self) -> int:
+        return self._call(lambda b: b.redrive_all(), idempotent=False)
+
+    def message_info(self, message_id: str) -> MessageInfo:
+        return self._call(lambda b: b.message_info(message_id), idempotent=True)
+
+    # -- connection ------------------------------------------------------------
+
+    def close(self) -> None:
+        """Forget this thread's connection (the next call makes a new one)."""
+        self._local.proxy = None
+
+    def _call(self, method: Callable[[BrokerProxy], T], *, idempotent: bool) -> T:
+        for attempt in (1, 2):
+            proxy = self._proxy()
+            try:
+                return method(proxy)
+            except _NOT_SENT as exc:
+                self._drop(exc)
+                if attempt == 2:
+                    raise BrokerUnavailable(_describe(exc)) from None
+            except _CONNECTION_LOST as exc:
+                self._drop(exc)
+                if attempt == 2 or not idempotent:
+                    raise BrokerUnavailable(_describe(exc)) from None
+        raise AssertionError("unreachable")
+
+    def _proxy(self) -> BrokerProxy:
+        if os.getpid() != self._pid:
+            # Forked: the parent's connections belong to the parent.
+            self._local = threading.local()
+            self._pid = os.getpid()
+        proxy: BrokerProxy | None = getattr(self._local, "proxy", None)
+        if proxy is None:
+            proxy = self._connect()
+            self._local.proxy = proxy
+        return proxy
+
+    def _connect(self) -> BrokerProxy:
+        try:
+            authkey = read_authkey(self._settings)
+        except AuthkeyError as exc:
+            raise BrokerUnavailable(str(exc)) from None
+        manager = BrokerManager(address=self._settings.manager_address(), authkey=authkey)
+        try:
+            manager.connect()
+            proxy: BrokerProxy = manager.broker()  # type: ignore[attr-defined]
+        except AuthenticationError:
+            raise BrokerUnavailable("the broker refused our authkey") from None
+        except (*_NOT_SENT, *_CONNECTION_LOST) as exc:
+            raise BrokerUnavailable(_describe(exc)) from None
+        log.info("connected to broker at %s", self._settings.broker_address)
+        return proxy
+
+    def _drop(self, exc: BaseException) -> None:
+        if getattr(self._local, "proxy", None) is not None:
+            log.warning("lost the broker connection (%s); will reconnect", _describe(exc))
+        self._local.proxy = None
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__

@@ -1,0 +1,63 @@
+"""Idempotency keys: the first answer to a key, kept for a while.
+
+Every key lives for the same ``ttl``, so keys expire in the order they were
+recorded: a deque in that order lets ``expire`` drop the old ones from the
+front in O(expired), never scanning the live keys. ``get`` and ``put`` are O(1).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from broker.errors import DuplicateFormula
+from broker.interface import Submission
+
+Outcome = Submission | DuplicateFormula
+
+
+@dataclass(frozen=True, slots=True)
+class Remembered:
+    key: str
+    body_digest: str
+    outcome: Outcome
+    expires_at: float  # wall-clock seconds
+
+
+class IdempotencyKeys:
+    def __init__(self, ttl: float) -> None:
+        self.ttl = ttl
+        self._by_key: dict[str, Remembered] = {}
+        self._order: deque[Remembered] = deque()
+
+    def __len__(self) -> int:
+        return len(self._by_key)
+
+    def get(self, key: str, now: float) -> Remembered | None:
+        self.expire(now)
+        return self._by_key.get(key)
+
+    def put(self, key: str, body_digest: str, outcome: Outcome, now: float) -> Remembered:
+        remembered = Remembered(key, body_digest, outcome, now + self.ttl)
+        self.restore(remembered)
+        return remembered
+
+    def restore(self, remembered: Remembered) -> None:
+        """Add a remembered answer (from ``put`` or from the journal, oldest first)."""
+        self._by_key[remembered.key] = remembered
+        self._order.append(remembered)
+
+    def discard(self, remembered: Remembered) -> None:
+        """Undo the latest ``put`` (a submit that could not finish)."""
+        if self._order and self._order[-1] is remembered:
+            self._order.pop()
+        self._by_key.pop(remembered.key, None)
+
+    def expire(self, now: float) -> int:
+        dropped = 0
+        while self._order and self._order[0].expires_at <= now:
+            old = self._order.popleft()
+            if self._by_key.get(old.key) is old:
+                del self._by_key[old.key]
+            dropped += 1
+        return dropped

@@ -1,0 +1,339 @@
+"""The broker: one object that owns every piece of state and every rule about it.
+
+``Broker`` is a plain Python object; tests call it directly and
+``broker.manager`` serves it to other processes. Its public methods are exactly
+the manager's ``EXPOSED`` list. Each runs under one lock, so everything a
+method does is all-or-nothing with respect to every other caller: a submit
+checks the dedupe index, stores the formula and publishes its message, or
+changes nothing.
+
+``receive`` long-polls on a condition variable tied to that lock: the waiting
+thread sleeps until a publish, nack or redrive notifies it, or until the
+earliest lease or delay falls due, or until its own deadline.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import threading
+import time
+from collections.abc import Callable, Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+from broker.errors import (
+    DuplicateFormula,
+    FormulaNotFound,
+    IdempotencyKeyReused,
+    MessageNotFound,
+    QueueFull,
+)
+from broker.formula import FormulaDraft
+from broker.idempotency import IdempotencyKeys, Remembered
+from broker.interface import (
+    FAILED,
+    PROCESSED,
+    QUEUED,
+    BrokerStats,
+    Delivery,
+    FormulaPage,
+    FormulaView,
+    IdempotencyKey,
+    MessageInfo,
+    Submission,
+)
+from broker.queue import DeadLettered, MessageQueue
+from broker.store import FormulaRecord, FormulaStore
+
+log = logging.getLogger(__name__)
+
+Clock = Callable[[], float]
+
+EXPOSED = (
+    "ping",
+    "submit",
+    "get_formula",
+    "list_formulas",
+    "stats",
+    "receive",
+    "complete",
+    "ack",
+    "nack",
+    "extend",
+    "dead_letters",
+    "redrive",
+    "redrive_all",
+    "message_info",
+)
+
+MAX_PAGE = 500
+MAX_BATCH = 100
+MAX_WAIT_SECONDS = 60.0
+
+
+def new_id() -> str:
+    """Opaque, unguessable, URL-safe: 128 random bits in 22 characters."""
+    return secrets.token_urlsafe(16)
+
+
+def rfc3339(epoch_seconds: float) -> str:
+    moment = datetime.fromtimestamp(epoch_seconds, tz=UTC)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+class Broker:
+    def __init__(
+        self,
+        *,
+        queue_capacity: int = 100_000,
+        visibility_timeout: float = 30.0,
+        max_deliveries: int = 5,
+        idempotency_ttl: float = 24 * 3600.0,
+        clock: Clock = time.monotonic,
+        wall_clock: Clock = time.time,
+        new_id: Callable[[], str] = new_id,
+    ) -> None:
+        self._lock = threading.Condition(threading.Lock())
+        self._clock = clock
+        self._wall_clock = wall_clock
+        self._new_id = new_id
+        self._store = FormulaStore()
+        self._keys = IdempotencyKeys(idempotency_ttl)
+        self._queue = MessageQueue(
+            capacity=queue_capacity,
+            visibility_timeout=visibility_timeout,
+            max_deliveries=max_deliveries,
+            clock=clock,
+        )
+        self._submitted = 0
+        self._duplicates = 0
+        self._refused_capacity = 0
+        self._processed = 0
+
+    # -- submissions ----------------------------------------------------------
+
+    def ping(self) -> bool:
+        return True
+
+    def submit(self, draft: FormulaDraft, idempotency: IdempotencyKey | None = None) -> Submission:
+        with self._lock:
+            now = self._wall_clock()
+            if idempotency is not None:
+                earlier = self._keys.get(idempotency.key, now)
+                if earlier is not None:
+                    return self._replay(earlier, idempotency)
+            existing = self._store.by_fingerprint(draft.fingerprint)
+            if existing is not None:
+                self._duplicates += 1
+                duplicate = DuplicateFormula(existing.formula_id, existing.fingerprint)
+                if idempotency is not None:
+                    self._keys.put(idempotency.key, idempotency.body_digest, duplicate, now)
+                raise duplicate
+            if not self._queue.has_room():
+                self._refused_capacity += 1
+                raise QueueFull(self._queue.capacity)
+            record = FormulaRecord(
+                formula_id=self._new_id(),
+                name=draft.name,
+                materials=draft.materials,
+                fingerprint=draft.fingerprint,
+                message_id=self._new_id(),
+                created_at=now,
+            )
+            submission = Submission(self._view(record))
+            self._store_and_publish(record, submission, idempotency, now)
+            self._submitted += 1
+            self._lock.notify()
+            return submission
+
+    def _store_and_publish(
+        self,
+        record: FormulaRecord,
+        submission: Submission,
+        idempotency: IdempotencyKey | None,
+        now: float,
+    ) -> None:
+        """Apply the three changes of a submit, undoing the done ones if any step fails."""
+        self._store.add(record)
+        remembered: Remembered | None = None
+        try:
+            if idempotency is not None:
+                remembered = self._keys.put(
+                    idempotency.key, idempotency.body_digest, submission, now
+                )
+            self._queue.publish(record.message_id, record.formula_id, record.fingerprint)
+        except BaseException:
+            if remembered is not None:
+                self._keys.discard(remembered)
+            self._store.discard_last(record)
+            raise
+
+    def _replay(self, earlier: Remembered, idempotency: IdempotencyKey) -> Submission:
+        if earlier.body_digest != idempotency.body_digest:
+            raise IdempotencyKeyReused(idempotency.key)
+        outcome = earlier.outcome
+        if isinstance(outcome, DuplicateFormula):
+            raise DuplicateFormula(outcome.existing_id, outcome.fingerprint, True)
+        return Submission(outcome.formula, replayed=True)
+
+    def get_formula(self, formula_id: str) -> FormulaView:
+        with self._lock:
+            record = self._store.get(formula_id)
+            if record is None:
+                raise FormulaNotFound(formula_id)
+            return self._view(record)
+
+    def list_formulas(self, limit: int, cursor: str | None = None) -> FormulaPage:
+        if not 1 <= limit <= MAX_PAGE:
+            raise ValueError(f"limit must be between 1 and {MAX_PAGE}")
+        with self._lock:
+            page = self._store.page(limit, cursor)
+            return FormulaPage(tuple(self._view(r) for r in page.records), page.next_cursor)
+
+    def stats(self) -> BrokerStats:
+        with self._lock:
+            q = self._queue.stats()
+            return BrokerStats(
+                formulas=len(self._store),
+                depth=q.depth,
+                in_flight=q.in_flight,
+                delayed=q.delayed,
+                dead=q.dead,
+                submitted=self._submitted,
+                duplicates=self._duplicates,
+                refused_capacity=self._refused_capacity,
+                published=q.published,
+                delivered=q.delivered,
+                redelivered=q.redelivered,
+                acked=q.acked,
+                nacked=q.nacked,
+                dead_lettered=q.dead_lettered,
+                redriven=q.redriven,
+                processed=self._processed,
+            )
+
+    # -- consumers --------------------------------------------------------------
+
+    def receive(
+        self,
+        consumer: str,
+        max_messages: int = 1,
+        visibility_timeout: float | None = None,
+        wait_seconds: float = 0.0,
+    ) -> list[Delivery]:
+        max_messages = max(1, min(int(max_messages), MAX_BATCH))
+        wait_seconds = max(0.0, min(float(wait_seconds), MAX_WAIT_SECONDS))
+        deadline = self._clock() + wait_seconds
+        with self._lock:
+            while True:
+                deliveries = self._queue.receive(consumer, max_messages, visibility_timeout)
+                for delivery in deliveries:
+                    record = self._store.get(delivery.formula_id)
+                    if record is not None:
+                        record.deliveries += 1
+                self._settle_events()
+                now = self._clock()
+                if deliveries or now >= deadline:
+                    if deliveries:
+                        # New leases may fall due before other waiters' timeouts.
+                        self._lock.notify_all()
+                    return deliveries
+                due = self._queue.next_due()
+                timeout = deadline - now if due is None else min(deadline, due) - now
+                self._lock.wait(max(timeout, 0.0))
+
+    def complete(self, receipt: str, summary: Mapping[str, Any]) -> bool:
+        with self._lock:
+            lease = self._queue.lease(receipt)
+            if lease is None:
+                return False
+            record = self._store.get(lease.formula_id)
+            self._queue.ack(receipt)
+            if record is not None and record.processed_at is None:
+                record.processed_at = self._wall_clock()
+                record.summary = dict(summary)
+                self._processed += 1
+            self._settle_events()
+            return True
+
+    def ack(self, receipt: str) -> bool:
+        with self._lock:
+            acked = self._queue.ack(receipt)
+            self._settle_events()
+            return acked
+
+    def nack(self, receipt: str, delay: float = 0.0) -> None:
+        with self._lock:
+            self._queue.nack(receipt, max(0.0, float(delay)))
+            self._settle_events()
+            self._lock.notify_all()
+
+    def extend(self, receipt: str, seconds: float) -> float:
+        with self._lock:
+            deadline = self._queue.extend(receipt, float(seconds))
+            self._settle_events()
+            return deadline
+
+    # -- operators ---------------------------------------------------------------
+
+    def dead_letters(self, limit: int | None = None) -> list[MessageInfo]:
+        with self._lock:
+            dead = self._queue.dead_letters(limit)
+            self._settle_events()
+            return dead
+
+    def redrive(self, message_id: str) -> None:
+        with self._lock:
+            self._queue.redrive(message_id)
+            self._settle_events()
+            self._lock.notify()
+
+    def redrive_all(self) -> int:
+        with self._lock:
+            count = self._queue.redrive_all()
+            self._settle_events()
+            self._lock.notify(count)
+            return count
+
+    def message_info(self, message_id: str) -> MessageInfo:
+        with self._lock:
+            info = self._queue.info(message_id)
+            self._settle_events()
+            if info is None:
+                raise MessageNotFound(message_id)
+            return info
+
+    # -- internals ---------------------------------------------------------------
+
+    def _settle_events(self) -> None:
+        for event in self._queue.drain_events():
+            if isinstance(event, DeadLettered):
+                log.warning(
+                    "dead-lettered message %s of formula %s after %d deliveries",
+                    event.message_id,
+                    event.formula_id,
+                    event.deliveries,
+                )
+
+    def _status(self, record: FormulaRecord) -> str:
+        if record.processed_at is not None:
+            return PROCESSED
+        info = self._queue.info(record.message_id)
+        if info is not None and info.state == "dead":
+            return FAILED
+        return QUEUED
+
+    def _view(self, record: FormulaRecord) -> FormulaView:
+        return FormulaView(
+            id=record.formula_id,
+            name=record.name,
+            materials=record.materials,
+            fingerprint=record.fingerprint,
+            message_id=record.message_id,
+            created_at=rfc3339(record.created_at),
+            status=self._status(record),
+            deliveries=record.deliveries,
+            processed_at=None if record.processed_at is None else rfc3339(record.processed_at),
+            summary=record.summary,
+        )

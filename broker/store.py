@@ -1,0 +1,132 @@
+"""The formula store and its dedupe index.
+
+Plain dictionaries, no locking: the broker facade (``broker.service``) holds its
+lock around every call. Costs: ``add``/``discard_last``/``get``/
+``by_fingerprint`` are O(1); ``page`` is O(limit).
+
+Records are kept in insertion order in a list so that the newest-first listing
+is a reverse slice and a cursor is just a position. Only the most recent record
+can be discarded, which is all an atomic submit's rollback needs.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from broker.errors import InvalidCursor
+from broker.formula import Material
+
+
+class FormulaRecord:
+    """One stored formula and its processing state (mutable, broker-private)."""
+
+    __slots__ = (
+        "created_at",
+        "deliveries",
+        "fingerprint",
+        "formula_id",
+        "materials",
+        "message_id",
+        "name",
+        "processed_at",
+        "seq",
+        "summary",
+    )
+
+    def __init__(
+        self,
+        *,
+        formula_id: str,
+        name: str,
+        materials: tuple[Material, ...],
+        fingerprint: str,
+        message_id: str,
+        created_at: float,
+        seq: int = 0,
+        deliveries: int = 0,
+        processed_at: float | None = None,
+        summary: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.formula_id = formula_id
+        self.name = name
+        self.materials = materials
+        self.fingerprint = fingerprint
+        self.message_id = message_id
+        self.created_at = created_at
+        self.seq = seq
+        self.deliveries = deliveries
+        self.processed_at = processed_at
+        self.summary = summary
+
+
+@dataclass(frozen=True, slots=True)
+class Page:
+    records: tuple[FormulaRecord, ...]
+    next_cursor: str | None
+
+
+class FormulaStore:
+    def __init__(self) -> None:
+        self._by_id: dict[str, FormulaRecord] = {}
+        self._by_fingerprint: dict[str, FormulaRecord] = {}
+        self._order: list[FormulaRecord] = []
+
+    def __len__(self) -> int:
+        return len(self._order)
+
+    def __iter__(self) -> Iterator[FormulaRecord]:
+        return iter(self._order)
+
+    def get(self, formula_id: str) -> FormulaRecord | None:
+        return self._by_id.get(formula_id)
+
+    def by_fingerprint(self, fingerprint: str) -> FormulaRecord | None:
+        return self._by_fingerprint.get(fingerprint)
+
+    def add(self, record: FormulaRecord) -> None:
+        """Store a new record; its id and fingerprint must both be new."""
+        if record.formula_id in self._by_id or record.fingerprint in self._by_fingerprint:
+            raise ValueError(f"formula {record.formula_id} is already stored")
+        record.seq = len(self._order) + 1
+        self._order.append(record)
+        self._by_id[record.formula_id] = record
+        self._by_fingerprint[record.fingerprint] = record
+
+    def discard_last(self, record: FormulaRecord) -> None:
+        """Undo the latest ``add`` (a submit that could not finish)."""
+        if not self._order or self._order[-1] is not record:
+            raise ValueError("only the latest record can be discarded")
+        self._order.pop()
+        del self._by_id[record.formula_id]
+        del self._by_fingerprint[record.fingerprint]
+
+    def page(self, limit: int, cursor: str | None) -> Page:
+        """Up to ``limit`` records, newest first, after ``cursor``."""
+        end = len(self._order) if cursor is None else self._decode(cursor) - 1
+        start = max(0, end - limit)
+        records = tuple(reversed(self._order[start:end]))
+        next_cursor = _encode(records[-1].seq) if start > 0 and records else None
+        return Page(records, next_cursor)
+
+    def _decode(self, cursor: str) -> int:
+        """The position a cursor points at; positions only grow, so old cursors stay valid."""
+        try:
+            raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+            text = raw.decode("ascii")
+        except (binascii.Error, UnicodeDecodeError, ValueError):
+            raise InvalidCursor(cursor) from None
+        if not text.startswith("s") or not text[1:].isdigit():
+            raise InvalidCursor(cursor)
+        seq = int(text[1:])
+        if not 1 <= seq <= len(self._order) or _encode(seq) != cursor:
+            raise InvalidCursor(cursor)
+        return seq
+
+
+def _encode(seq: int) -> str:
+    return base64.urlsafe_b64encode(f"s{seq}".encode("ascii")).rstrip(b"=").decode("ascii")
+

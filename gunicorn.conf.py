@@ -1,0 +1,68 @@
+"""gunicorn settings for the Formulary API: ``gunicorn -c gunicorn.conf.py``.
+
+Declarative on purpose: values come from ``broker.settings.Settings`` (the
+``FORMULARY_*`` environment), hooks only log. ``preload_app`` stays off so
+every worker imports the app, and so connects to the broker, after the fork.
+"""
+
+from broker.settings import Settings
+
+_settings = Settings.from_env()
+
+#
+# Application
+#
+wsgi_app = "api.app:get_app()"
+preload_app = False
+
+#
+# Server socket
+#
+bind = [_settings.bind]
+backlog = 2048
+
+#
+# Worker processes
+#
+# gthread keeps HTTP connections alive and gives each thread its own broker
+# connection; the broker process does the real work, so a few workers suffice.
+worker_class = "gthread"
+workers = _settings.web_workers
+threads = _settings.web_threads
+timeout = 30
+graceful_timeout = 10
+keepalive = 5
+
+#
+# Limits (the API itself refuses bodies over 64 KiB with 413)
+#
+limit_request_line = 4094
+limit_request_fields = 100
+
+#
+# Control socket: gunicorn 27 would otherwise open one under ~/.gunicorn
+#
+control_socket_disable = True
+
+#
+# Logging
+#
+loglevel = _settings.log_level.lower()
+accesslog = None
+errorlog = "-"
+proc_name = "formulary-api"
+
+
+#
+# Server hooks
+#
+def when_ready(server):
+    server.log.info("Formulary API listening on %s", ", ".join(bind))
+
+
+def post_fork(server, worker):
+    server.log.info("worker %s started; it connects to the broker on first use", worker.pid)
+
+
+def worker_abort(worker):
+    worker.log.warning("worker %s aborted (timeout)", worker.pid)
