@@ -93,6 +93,7 @@ class Broker:
         clock: Clock = time.monotonic,
         wall_clock: Clock = time.time,
         new_id: Callable[[], str] = new_id,
+        queue: MessageQueue | None = None,
     ) -> None:
         self._lock = threading.Condition(threading.Lock())
         self._clock = clock
@@ -100,7 +101,7 @@ class Broker:
         self._new_id = new_id
         self._store = FormulaStore()
         self._keys = IdempotencyKeys(idempotency_ttl)
-        self._queue = MessageQueue(
+        self._queue = queue or MessageQueue(
             capacity=queue_capacity,
             visibility_timeout=visibility_timeout,
             max_deliveries=max_deliveries,

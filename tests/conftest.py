@@ -1,0 +1,44 @@
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+
+import pytest
+
+from broker.service import Broker
+
+
+class FakeClock:
+    """A clock that moves only when a test says so."""
+
+    def __init__(self, start: float = 1000.0) -> None:
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def wall_clock() -> FakeClock:
+    return FakeClock(1_795_000_000.0)
+
+
+@pytest.fixture
+def broker(clock: FakeClock, wall_clock: FakeClock) -> Iterator[Broker]:
+    ids = (f"id-{n:06d}-padding-xyz" for n in itertools.count(1))
+    yield Broker(
+        queue_capacity=100,
+        visibility_timeout=30.0,
+        max_deliveries=3,
+        clock=clock,
+        wall_clock=wall_clock,
+        new_id=lambda: next(ids),
+    )

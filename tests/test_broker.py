@@ -1,0 +1,177 @@
+"""The broker object: atomic submit, dedupe, capacity, idempotency keys, processing."""
+
+from __future__ import annotations
+
+import threading
+from decimal import Decimal
+
+import pytest
+
+from broker.errors import (
+    DuplicateFormula,
+    FormulaNotFound,
+    IdempotencyKeyReused,
+    QueueFull,
+    StaleReceipt,
+)
+from broker.formula import FormulaDraft, parse_formula
+from broker.interface import IdempotencyKey
+from broker.queue import MessageQueue
+from broker.service import Broker
+
+
+def draft(*materials: tuple[str, str], name: str = "F") -> FormulaDraft:
+    parts = ", ".join(f'{{"name": "{m}", "concentration": {c}}}' for m, c in materials)
+    return parse_formula(f'{{"name": "{name}", "materials": [{parts}]}}'.encode())
+
+
+ROSE = draft(("Rose", "10"), ("Musk", "2.5"))
+
+
+class FailingQueue(MessageQueue):
+    """A queue whose publish step fails (after the formula was stored) while ``failing``."""
+
+    failing = True
+
+    def publish(self, message_id: str, formula_id: str, fingerprint: str) -> None:
+        if self.failing:
+            raise RuntimeError("disk on fire")
+        super().publish(message_id, formula_id, fingerprint)
+
+
+def test_a_failed_publish_leaves_store_index_and_keys_exactly_as_before(clock, wall_clock) -> None:
+    queue = FailingQueue(capacity=10, visibility_timeout=30, max_deliveries=3, clock=clock)
+    broker = Broker(queue=queue, clock=clock, wall_clock=wall_clock)
+    with pytest.raises(RuntimeError):
+        broker.submit(ROSE, IdempotencyKey("k", "digest"))
+    stats = broker.stats()
+    assert stats.formulas == 0 and stats.published == 0 and stats.submitted == 0
+    assert broker.list_formulas(10).items == ()
+    # Neither the index nor the key remembers the failed submit: once the
+    # fault is gone the same make-up and key are accepted as new.
+    queue.failing = False
+    accepted = broker.submit(ROSE, IdempotencyKey("k", "digest"))
+    assert not accepted.replayed
+    assert broker.stats().formulas == 1 and broker.stats().published == 1
+
+
+def test_a_known_make_up_raises_duplicate_and_changes_nothing(broker) -> None:
+    first = broker.submit(ROSE).formula
+    with pytest.raises(DuplicateFormula) as raised:
+        broker.submit(draft(("musk", "2.50"), ("ROSE", "1e1"), name="Other"))
+    assert raised.value.existing_id == first.id
+    assert raised.value.fingerprint == first.fingerprint
+    assert broker.stats().formulas == 1 and broker.stats().published == 1
+
+
+def test_a_full_queue_refuses_the_whole_submit(clock, wall_clock) -> None:
+    broker = Broker(queue_capacity=2, clock=clock, wall_clock=wall_clock)
+    broker.submit(draft(("A", "1")))
+    broker.submit(draft(("B", "1")))
+    with pytest.raises(QueueFull):
+        broker.submit(draft(("C", "1")))
+    assert broker.stats().formulas == 2
+    # Once a message is acked there is room again.
+    [delivery] = broker.receive("w", 1)
+    broker.ack(delivery.receipt)
+    broker.submit(draft(("C", "1")))
+
+
+def test_concurrent_identical_submits_store_once_and_publish_once(broker) -> None:
+    results: list[str] = []
+    barrier = threading.Barrier(32)
+
+    def submit() -> None:
+        barrier.wait()
+        try:
+            broker.submit(ROSE)
+            results.append("accepted")
+        except DuplicateFormula:
+            results.append("duplicate")
+
+    threads = [threading.Thread(target=submit) for _ in range(32)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results.count("accepted") == 1 and results.count("duplicate") == 31
+    assert broker.stats().formulas == 1 and broker.stats().published == 1
+
+
+def test_an_idempotency_key_replays_its_first_answer(broker) -> None:
+    key = IdempotencyKey("k", "d1")
+    first = broker.submit(ROSE, key)
+    again = broker.submit(ROSE, key)
+    assert again.replayed and again.formula == first.formula
+    with pytest.raises(IdempotencyKeyReused):
+        broker.submit(ROSE, IdempotencyKey("k", "d2"))
+    assert broker.stats().published == 1
+
+
+def test_idempotency_keys_expire_after_their_ttl(clock, wall_clock) -> None:
+    broker = Broker(idempotency_ttl=60, clock=clock, wall_clock=wall_clock)
+    broker.submit(ROSE, IdempotencyKey("k", "d1"))
+    wall_clock.advance(61)
+    with pytest.raises(DuplicateFormula) as raised:
+        broker.submit(ROSE, IdempotencyKey("k", "d1"))
+    assert not raised.value.replayed
+
+
+def test_completing_records_the_summary_once_and_acks(broker, wall_clock) -> None:
+    formula = broker.submit(ROSE).formula
+    [delivery] = broker.receive("w", 1)
+    assert broker.get_formula(formula.id).deliveries == 1
+    assert broker.complete(delivery.receipt, {"total": Decimal("12.5")})
+    done = broker.get_formula(formula.id)
+    assert done.status == "processed" and done.summary == {"total": Decimal("12.5")}
+    assert done.processed_at is not None
+    wall_clock.advance(5)
+    assert broker.complete(delivery.receipt, {"total": Decimal("99")}) is False
+    assert broker.get_formula(formula.id) == done
+
+
+def test_a_stale_receipt_cannot_complete(broker, clock) -> None:
+    formula = broker.submit(ROSE).formula
+    [first] = broker.receive("a", 1)
+    clock.advance(31)
+    [second] = broker.receive("b", 1)
+    with pytest.raises(StaleReceipt):
+        broker.complete(first.receipt, {"x": 1})
+    assert broker.get_formula(formula.id).status == "queued"
+    assert broker.complete(second.receipt, {"x": 2})
+    assert broker.get_formula(formula.id).deliveries == 2
+
+
+def test_a_message_out_of_deliveries_marks_its_formula_failed_until_redriven(broker, clock) -> None:
+    formula = broker.submit(ROSE).formula
+    for _ in range(3):
+        [delivery] = broker.receive("w", 1)
+        broker.nack(delivery.receipt)
+    assert broker.get_formula(formula.id).status == "failed"
+    [dead] = broker.dead_letters()
+    assert dead.message_id == formula.message_id
+    broker.redrive(formula.message_id)
+    assert broker.get_formula(formula.id).status == "queued"
+    [delivery] = broker.receive("w", 1)
+    assert delivery.delivery == 1
+    assert broker.complete(delivery.receipt, {})
+    assert broker.get_formula(formula.id).status == "processed"
+
+
+def test_receive_waits_for_a_publish_instead_of_spinning() -> None:
+    broker = Broker()
+    got: list[object] = []
+    waiting = threading.Thread(target=lambda: got.extend(broker.receive("w", 1, wait_seconds=10)))
+    waiting.start()
+    broker.submit(ROSE)
+    waiting.join(5)
+    assert not waiting.is_alive() and len(got) == 1
+
+
+def test_receive_returns_empty_when_nothing_arrives_in_time() -> None:
+    assert Broker().receive("w", 1, wait_seconds=0.05) == []
+
+
+def test_an_unknown_formula_is_not_found(broker) -> None:
+    with pytest.raises(FormulaNotFound):
+        broker.get_formula("nope")
