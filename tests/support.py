@@ -152,17 +152,24 @@ def environment(**extra: str) -> Iterator[Environment]:
 class Process:
     """One child process of the stack, with its output kept in a log file."""
 
-    def __init__(self, name: str, argv: list[str], env: Environment) -> None:
+    def __init__(
+        self, name: str, argv: list[str], env: Environment, extra_env: Mapping[str, str] = {}
+    ) -> None:
         self.name = name
         self.argv = argv
         self.env = env
+        self.extra_env = dict(extra_env)
         self.log_path = env.directory / f"{name}.log"
         self.popen: subprocess.Popen[bytes] | None = None
 
     def start(self) -> Process:
         log = self.log_path.open("ab")
         self.popen = subprocess.Popen(
-            self.argv, cwd=ROOT, env=self.env.env(), stdout=log, stderr=subprocess.STDOUT
+            self.argv,
+            cwd=ROOT,
+            env={**self.env.env(), **self.extra_env},
+            stdout=log,
+            stderr=subprocess.STDOUT,
         )
         log.close()
         return self
@@ -211,8 +218,10 @@ def api_process(env: Environment) -> Process:
     return Process("api", [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py"], env)
 
 
-def worker_process(env: Environment, *args: str, name: str = "worker") -> Process:
-    return Process(name, [sys.executable, "-m", "worker", *args], env)
+def worker_process(
+    env: Environment, *args: str, name: str = "worker", extra_env: Mapping[str, str] = {}
+) -> Process:
+    return Process(name, [sys.executable, "-m", "worker", *args], env, extra_env)
 
 
 def wait_for_broker(env: Environment, process: Process, timeout: float = 20.0) -> None:
@@ -254,8 +263,9 @@ class Stack:
         self.api.start()
         wait_for_api(self.http, self.api)
 
-    def start_worker(self, *args: str) -> Process:
-        worker = worker_process(self.env, *args, name=f"worker{len(self.workers)}").start()
+    def start_worker(self, *args: str, **extra_env: str) -> Process:
+        name = f"worker{len(self.workers)}"
+        worker = worker_process(self.env, *args, name=name, extra_env=extra_env).start()
         self.workers.append(worker)
         return worker
 

@@ -21,7 +21,7 @@ from types import FrameType
 
 from broker.client import BrokerClient
 from broker.settings import Settings, SettingsError
-from worker.consumer import Consumer, Heartbeat
+from worker.consumer import Backoff, Consumer, Heartbeat
 from worker.handlers import load_handler
 
 log = logging.getLogger("worker")
@@ -37,6 +37,8 @@ def parse_args(argv: list[str] | None, settings: Settings) -> tuple[Settings, ar
     parser.add_argument("--batch", type=int, default=10, help="messages per receive (default 10)")
     parser.add_argument("--wait", type=float, default=1.0, help="long-poll seconds (default 1)")
     parser.add_argument("--grace", type=float, default=30.0, help="seconds to finish on stop")
+    parser.add_argument("--retry-base", type=float, default=1.0, help="first retry delay ceiling (s)")
+    parser.add_argument("--retry-cap", type=float, default=60.0, help="longest retry delay (s)")
     parser.add_argument("--handler", help="module:function (FORMULARY_HANDLER)")
     parser.add_argument("--address", help="broker address (FORMULARY_BROKER_ADDRESS)")
     parser.add_argument("--log-level", help="DEBUG, INFO... (FORMULARY_LOG_LEVEL)")
@@ -89,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
             batch_size=args.batch,
             visibility_timeout=settings.visibility_timeout,
             wait_seconds=args.wait,
+            backoff=Backoff(base=args.retry_base, cap=args.retry_cap),
         )
         for i in range(args.concurrency)
     ]

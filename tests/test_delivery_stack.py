@@ -1,0 +1,95 @@
+"""Delivery with the real processes: broker, gunicorn and worker processes."""
+
+from __future__ import annotations
+
+import signal
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from tests.support import running_stack, wait_for
+
+pytestmark = pytest.mark.processes
+
+FAST_RETRIES = ("--retry-base", "0.05", "--retry-cap", "0.2")
+
+
+def formula(tag: str) -> dict[str, object]:
+    return {"name": tag, "materials": [{"name": f"Material {tag}", "concentration": 2.5}]}
+
+
+def test_200_formulas_posted_concurrently_are_each_processed_exactly_once() -> None:
+    with running_stack() as stack:
+        stack.start_worker("--concurrency", "2")
+        stack.start_worker("--concurrency", "2")
+        with ThreadPoolExecutor(16) as pool:
+            responses = list(
+                pool.map(lambda i: stack.http.post_json("/formulas", formula(f"f{i}")), range(200))
+            )
+        assert [r.status for r in responses] == [202] * 200
+        ids = [r.json()["id"] for r in responses]
+        client = stack.client()
+        wait_for(lambda: client.stats().processed == 200, timeout=60, what="200 processed")
+        for formula_id in ids:
+            view = client.get_formula(formula_id)
+            assert view.status == "processed"
+            assert view.deliveries == 1
+            assert view.summary["material_count"] == 1
+        stats = client.stats()
+        assert (stats.acked, stats.redelivered, stats.depth, stats.in_flight) == (200, 0, 0, 0)
+
+
+def test_a_worker_killed_while_holding_a_message_does_not_lose_it() -> None:
+    with running_stack(FORMULARY_VISIBILITY_TIMEOUT="2") as stack:
+        gate = stack.env.directory / "gate"
+        gate.mkdir()
+        doomed = stack.start_worker(
+            FORMULARY_HANDLER="tests.handlers:gated", FORMULARY_TEST_GATE=str(gate)
+        )
+        created = stack.http.post_json("/formulas", formula("kill-me")).json()
+        wait_for(lambda: (gate / f"started-{created['id']}").exists(), what="the handler to start")
+        doomed.kill()
+        stack.start_worker()  # the default handler
+        client = stack.client()
+        wait_for(
+            lambda: client.get_formula(created["id"]).status == "processed",
+            what="another worker to process it after the lease",
+        )
+        view = client.get_formula(created["id"])
+        assert view.deliveries == 2
+        assert client.stats().processed == 1
+
+
+def test_a_handler_that_always_fails_dead_letters_and_a_redrive_processes_it() -> None:
+    with running_stack(FORMULARY_MAX_DELIVERIES="3") as stack:
+        failing = stack.start_worker(*FAST_RETRIES, FORMULARY_HANDLER="tests.handlers:failing")
+        created = stack.http.post_json("/formulas", formula("doomed")).json()
+        client = stack.client()
+        wait_for(lambda: client.get_formula(created["id"]).status == "failed", what="dead letter")
+        assert client.get_formula(created["id"]).deliveries == 3
+        [dead] = client.dead_letters(10)
+        assert dead.message_id == created["message_id"]
+        assert failing.stop() == 0
+        stack.start_worker()
+        client.redrive(created["message_id"])
+        wait_for(lambda: client.get_formula(created["id"]).status == "processed", what="redrive")
+        assert client.dead_letters(10) == []
+
+
+def test_sigterm_lets_the_handler_finish_and_ack_then_exits_0() -> None:
+    with running_stack() as stack:
+        gate = stack.env.directory / "gate"
+        gate.mkdir()
+        worker = stack.start_worker(
+            FORMULARY_HANDLER="tests.handlers:gated", FORMULARY_TEST_GATE=str(gate)
+        )
+        created = stack.http.post_json("/formulas", formula("graceful")).json()
+        wait_for(lambda: (gate / f"started-{created['id']}").exists(), what="the handler to start")
+        worker.signal(signal.SIGTERM)
+        (gate / "open").touch()
+        assert worker.wait(30) == 0
+        client = stack.client()
+        view = client.get_formula(created["id"])
+        assert view.status == "processed" and view.deliveries == 1
+        stats = client.stats()
+        assert (stats.acked, stats.redelivered, stats.in_flight, stats.depth) == (1, 0, 0, 0)
