@@ -12,7 +12,7 @@ from broker.interface import SubmissionBroker
 from broker.settings import Settings
 
 
-def create_app(broker: SubmissionBroker) -> falcon.App:
+def create_app(broker: SubmissionBroker) -> falcon.App[falcon.Request, falcon.Response]:
     app = falcon.App()
     app.add_route("/formulas", FormulasResource(broker))
     app.add_route("/formulas/{formula_id}", FormulaResource(broker))
@@ -21,6 +21,6 @@ def create_app(broker: SubmissionBroker) -> falcon.App:
     return app
 
 
-def get_app(settings: Settings | None = None) -> falcon.App:
+def get_app(settings: Settings | None = None) -> falcon.App[falcon.Request, falcon.Response]:
     """The app on a broker client that connects lazily, after gunicorn's fork."""
     return create_app(BrokerClient(settings or Settings.from_env()))

@@ -50,7 +50,9 @@ class Problem(falcon.HTTPError):
         headers: dict[str, str] | None = None,
         **extensions: Any,
     ) -> None:
-        super().__init__(status, title=HTTPStatus(status).phrase, description=detail, headers=headers)
+        super().__init__(
+            status, title=HTTPStatus(status).phrase, description=detail, headers=headers
+        )
         self.slug = slug
         self.extensions = extensions
 
@@ -84,7 +86,7 @@ def serialize(req: falcon.Request, resp: falcon.Response, exception: falcon.HTTP
     resp.data = dumps(document(exception))
 
 
-def register(app: falcon.App) -> None:
+def register(app: falcon.App[falcon.Request, falcon.Response]) -> None:
     app.set_error_serializer(serialize)
     app.add_error_handler(Exception, _unexpected)
     app.add_error_handler(falcon.HTTPError, _http_error)
@@ -97,12 +99,14 @@ def register(app: falcon.App) -> None:
     app.add_error_handler(IdempotencyKeyReused, _key_reused)
 
 
-def _http_error(req: falcon.Request, resp: falcon.Response, ex: falcon.HTTPError, params: Any) -> None:
+def _http_error(
+    req: falcon.Request, resp: falcon.Response, ex: falcon.HTTPError, params: Any
+) -> None:
     # Falcon's default handler would honour Accept and might pick XML; we
     # always answer problem+json.
     resp.status = ex.status
-    for name, value in (ex.headers or {}).items():
-        resp.set_header(name, value)
+    if ex.headers:
+        resp.set_headers(ex.headers)
     serialize(req, resp, ex)
 
 
@@ -114,11 +118,15 @@ def _unexpected(req: falcon.Request, resp: falcon.Response, ex: Exception, param
     _http_error(req, resp, Problem(500, None, "The server could not handle this request."), params)
 
 
-def _invalid_formula(req: falcon.Request, resp: falcon.Response, ex: InvalidFormula, params: Any) -> None:
+def _invalid_formula(
+    req: falcon.Request, resp: falcon.Response, ex: InvalidFormula, params: Any
+) -> None:
     raise invalid(ex.errors, "The formula is not valid; every problem is listed in errors.")
 
 
-def _duplicate(req: falcon.Request, resp: falcon.Response, ex: DuplicateFormula, params: Any) -> None:
+def _duplicate(
+    req: falcon.Request, resp: falcon.Response, ex: DuplicateFormula, params: Any
+) -> None:
     headers = {"Location": formula_location(ex.existing_id)}
     if ex.replayed:
         headers["Idempotent-Replayed"] = "true"
@@ -141,7 +149,9 @@ def _queue_full(req: falcon.Request, resp: falcon.Response, ex: QueueFull, param
     )
 
 
-def _unavailable(req: falcon.Request, resp: falcon.Response, ex: BrokerUnavailable, params: Any) -> None:
+def _unavailable(
+    req: falcon.Request, resp: falcon.Response, ex: BrokerUnavailable, params: Any
+) -> None:
     log.warning("broker unavailable: %s", ex.reason)
     raise Problem(
         503,
@@ -151,15 +161,21 @@ def _unavailable(req: falcon.Request, resp: falcon.Response, ex: BrokerUnavailab
     )
 
 
-def _not_found(req: falcon.Request, resp: falcon.Response, ex: FormulaNotFound, params: Any) -> None:
+def _not_found(
+    req: falcon.Request, resp: falcon.Response, ex: FormulaNotFound, params: Any
+) -> None:
     raise Problem(404, "formula-not-found", f"No formula has the id {ex.formula_id!r}.")
 
 
-def _invalid_cursor(req: falcon.Request, resp: falcon.Response, ex: InvalidCursor, params: Any) -> None:
+def _invalid_cursor(
+    req: falcon.Request, resp: falcon.Response, ex: InvalidCursor, params: Any
+) -> None:
     raise invalid([FieldError("cursor", "is not a cursor this server handed out")])
 
 
-def _key_reused(req: falcon.Request, resp: falcon.Response, ex: IdempotencyKeyReused, params: Any) -> None:
+def _key_reused(
+    req: falcon.Request, resp: falcon.Response, ex: IdempotencyKeyReused, params: Any
+) -> None:
     raise Problem(
         422,
         "idempotency-key-reused",

@@ -23,9 +23,13 @@ EXIT_CONFIG = 2
 
 def parse_args(argv: list[str] | None, settings: Settings) -> Settings:
     parser = argparse.ArgumentParser(prog="python -m broker", description=__doc__)
-    parser.add_argument("--address", help="Unix socket path or host:port (FORMULARY_BROKER_ADDRESS)")
+    parser.add_argument(
+        "--address", help="Unix socket path or host:port (FORMULARY_BROKER_ADDRESS)"
+    )
     parser.add_argument("--data", help="SQLite journal path or :memory: (FORMULARY_DATA)")
-    parser.add_argument("--admin-socket", type=Path, help="admin socket path (FORMULARY_ADMIN_SOCKET)")
+    parser.add_argument(
+        "--admin-socket", type=Path, help="admin socket path (FORMULARY_ADMIN_SOCKET)"
+    )
     parser.add_argument("--log-level", help="DEBUG, INFO, WARNING... (FORMULARY_LOG_LEVEL)")
     args = parser.parse_args(argv)
     overrides = {
@@ -61,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def stop(signum: int, frame: FrameType | None) -> None:
         # Only record it: serve_forever's loop notices within a second.
-        server.stop_event.set()
+        server.stop_event.set()  # type: ignore[attr-defined]
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)

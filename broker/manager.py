@@ -48,7 +48,9 @@ def read_authkey(settings: Settings) -> bytes:
     try:
         key = path.read_bytes().strip()
     except FileNotFoundError:
-        raise AuthkeyError(f"authkey file {path} does not exist (has the broker started?)") from None
+        raise AuthkeyError(
+            f"authkey file {path} does not exist (has the broker started?)"
+        ) from None
     except OSError as exc:
         raise AuthkeyError(f"cannot read authkey file {path}: {exc.strerror}") from None
     try:
@@ -90,23 +92,28 @@ class BrokerProxy(BaseProxy):
 
     _exposed_ = EXPOSED
 
+    def _remote(self, method: str, *args: Any) -> Any:
+        # typeshed declares _callmethod as returning None; it returns the result.
+        call: Any = self._callmethod
+        return call(method, args)
+
     def ping(self) -> bool:
-        return bool(self._callmethod("ping"))
+        return bool(self._remote("ping"))
 
     def submit(self, draft: FormulaDraft, idempotency: IdempotencyKey | None = None) -> Submission:
-        result: Submission = self._callmethod("submit", (draft, idempotency))
+        result: Submission = self._remote("submit", draft, idempotency)
         return result
 
     def get_formula(self, formula_id: str) -> FormulaView:
-        result: FormulaView = self._callmethod("get_formula", (formula_id,))
+        result: FormulaView = self._remote("get_formula", formula_id)
         return result
 
     def list_formulas(self, limit: int, cursor: str | None = None) -> FormulaPage:
-        result: FormulaPage = self._callmethod("list_formulas", (limit, cursor))
+        result: FormulaPage = self._remote("list_formulas", limit, cursor)
         return result
 
     def stats(self) -> BrokerStats:
-        result: BrokerStats = self._callmethod("stats")
+        result: BrokerStats = self._remote("stats")
         return result
 
     def receive(
@@ -116,35 +123,35 @@ class BrokerProxy(BaseProxy):
         visibility_timeout: float | None = None,
         wait_seconds: float = 0.0,
     ) -> list[Delivery]:
-        result: list[Delivery] = self._callmethod(
-            "receive", (consumer, max_messages, visibility_timeout, wait_seconds)
+        result: list[Delivery] = self._remote(
+            "receive", consumer, max_messages, visibility_timeout, wait_seconds
         )
         return result
 
     def complete(self, receipt: str, summary: Mapping[str, Any]) -> bool:
-        return bool(self._callmethod("complete", (receipt, dict(summary))))
+        return bool(self._remote("complete", receipt, dict(summary)))
 
     def ack(self, receipt: str) -> bool:
-        return bool(self._callmethod("ack", (receipt,)))
+        return bool(self._remote("ack", receipt))
 
     def nack(self, receipt: str, delay: float = 0.0) -> None:
-        self._callmethod("nack", (receipt, delay))
+        self._remote("nack", receipt, delay)
 
     def extend(self, receipt: str, seconds: float) -> float:
-        return float(self._callmethod("extend", (receipt, seconds)))
+        return float(self._remote("extend", receipt, seconds))
 
     def dead_letters(self, limit: int | None = None) -> list[MessageInfo]:
-        result: list[MessageInfo] = self._callmethod("dead_letters", (limit,))
+        result: list[MessageInfo] = self._remote("dead_letters", limit)
         return result
 
     def redrive(self, message_id: str) -> None:
-        self._callmethod("redrive", (message_id,))
+        self._remote("redrive", message_id)
 
     def redrive_all(self) -> int:
-        return int(self._callmethod("redrive_all"))
+        return int(self._remote("redrive_all"))
 
     def message_info(self, message_id: str) -> MessageInfo:
-        result: MessageInfo = self._callmethod("message_info", (message_id,))
+        result: MessageInfo = self._remote("message_info", message_id)
         return result
 
 

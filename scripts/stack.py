@@ -8,7 +8,6 @@ reaches only this supervisor, which then stops them in order: workers first
 from __future__ import annotations
 
 import argparse
-import os
 import signal
 import subprocess
 import sys

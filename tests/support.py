@@ -40,7 +40,9 @@ def wait_for(
         except Exception as exc:  # the condition may fail until the thing is up
             last_error = exc
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what or condition}") from last_error
+            raise AssertionError(
+                f"timed out after {timeout}s waiting for {what or condition}"
+            ) from last_error
         time.sleep(interval)
 
 
@@ -95,7 +97,10 @@ class Http:
             conn.close()
 
     def post_json(self, path: str, body: bytes | str | dict[str, Any], **headers: str) -> Response:
-        hdrs = {"Content-Type": "application/json", **{k.replace("_", "-"): v for k, v in headers.items()}}
+        hdrs = {
+            "Content-Type": "application/json",
+            **{k.replace("_", "-"): v for k, v in headers.items()},
+        }
         return self.request("POST", path, body, hdrs)
 
     def get(self, path: str) -> Response:
@@ -286,7 +291,9 @@ class Stack:
 
 
 @contextmanager
-def running_stack(workers: int = 0, worker_args: tuple[str, ...] = (), **extra: str) -> Iterator[Stack]:
+def running_stack(
+    workers: int = 0, worker_args: tuple[str, ...] = (), **extra: str
+) -> Iterator[Stack]:
     with environment(**extra) as env:
         stack = Stack(env)
         try:

@@ -112,8 +112,10 @@ BAD_BODIES = {
     "invalid utf-8": b'{"name": "\xff", "materials": []}',
     "NaN": b'{"name": "x", "materials": [{"name": "a", "concentration": NaN}]}',
     "Infinity": b'{"name": "x", "materials": [{"name": "a", "concentration": Infinity}]}',
-    "duplicate key": b'{"name": "x", "name": "y", "materials": [{"name": "a", "concentration": 1}]}',
-    "unknown key": b'{"name": "x", "colour": "red", "materials": [{"name": "a", "concentration": 1}]}',
+    "duplicate key": b'{"name": "x", "name": "y",'
+    b' "materials": [{"name": "a", "concentration": 1}]}',
+    "unknown key": b'{"name": "x", "colour": "red",'
+    b' "materials": [{"name": "a", "concentration": 1}]}',
     "string number": b'{"name": "x", "materials": [{"name": "a", "concentration": "1"}]}',
     "boolean": b'{"name": "x", "materials": [{"name": "a", "concentration": true}]}',
     "too precise": b'{"name": "x", "materials": [{"name": "a", "concentration": 0.0000001}]}',
@@ -145,7 +147,10 @@ def test_bad_bodies_are_400_problems_and_store_nothing(client, broker, body: byt
 def test_every_problem_in_a_body_is_listed(client) -> None:
     result = post(
         client,
-        {"name": "", "materials": [{"name": "a", "concentration": -1}, {"name": 3, "concentration": 1}]},
+        {
+            "name": "",
+            "materials": [{"name": "a", "concentration": -1}, {"name": 3, "concentration": 1}],
+        },
     )
     fields = {e["field"] for e in doc(result)["errors"]}
     assert {"name", "materials[0].concentration", "materials[1].name"} <= fields
@@ -161,7 +166,9 @@ def test_json_media_types_are_accepted_in_any_case_with_parameters(client, conte
     assert result.status_code == 202
 
 
-@pytest.mark.parametrize("content_type", [None, "text/plain", "application/xml", "application/jsonx"])
+@pytest.mark.parametrize(
+    "content_type", [None, "text/plain", "application/xml", "application/jsonx"]
+)
 def test_other_media_types_are_415_and_store_nothing(client, broker, content_type) -> None:
     headers = {"Content-Type": content_type} if content_type else {}
     result = client.simulate_post("/formulas", body=json.dumps(SUMMER), headers=headers)
@@ -245,7 +252,9 @@ def test_an_unknown_formula_is_404(client) -> None:
 
 
 def formulas(n: int) -> list[dict[str, Any]]:
-    return [{"name": f"f{i}", "materials": [{"name": "Musk", "concentration": i + 1}]} for i in range(n)]
+    return [
+        {"name": f"f{i}", "materials": [{"name": "Musk", "concentration": i + 1}]} for i in range(n)
+    ]
 
 
 def test_the_list_pages_newest_first_until_next_is_null(client) -> None:
@@ -268,7 +277,8 @@ def test_the_list_defaults_to_50(client) -> None:
 
 
 @pytest.mark.parametrize(
-    "params", [{"limit": "0"}, {"limit": "501"}, {"limit": "ten"}, {"limit": "-1"}, {"cursor": "bogus"}]
+    "params",
+    [{"limit": "0"}, {"limit": "501"}, {"limit": "ten"}, {"limit": "-1"}, {"cursor": "bogus"}],
 )
 def test_a_bad_limit_or_cursor_is_400(client, params) -> None:
     result = client.simulate_get("/formulas", params=params)

@@ -47,7 +47,9 @@ def make_broker(clock: FakeClock, wall_clock: FakeClock) -> Broker:
 
 
 @pytest.fixture(params=["object", "manager"])
-def remote(request: pytest.FixtureRequest, clock: FakeClock, wall_clock: FakeClock) -> Iterator[Any]:
+def remote(
+    request: pytest.FixtureRequest, clock: FakeClock, wall_clock: FakeClock
+) -> Iterator[Any]:
     broker = make_broker(clock, wall_clock)
     if request.param == "object":
         yield broker

@@ -56,7 +56,9 @@ def test_64_concurrent_identical_posts_store_one_formula_and_publish_one_message
     before = stack.client().stats()
     body = formula("concurrent")
     with ThreadPoolExecutor(64) as pool:
-        statuses = list(pool.map(lambda _: stack.http.post_json("/formulas", body).status, range(64)))
+        statuses = list(
+            pool.map(lambda _: stack.http.post_json("/formulas", body).status, range(64))
+        )
     assert statuses.count(202) == 1 and statuses.count(409) == 63
     after = stack.client().stats()
     assert after.formulas - before.formulas == 1
@@ -66,17 +68,61 @@ def test_64_concurrent_identical_posts_store_one_formula_and_publish_one_message
 BAD_INPUTS = [
     # (what, body, headers, status, corrected body)
     ("invalid json", b'{"name": "bad-1", "materials": [', {}, 400, formula("bad-1")),
-    ("NaN", b'{"name": "bad-2", "materials": [{"name": "Material bad-2", "concentration": NaN}]}', {}, 400, formula("bad-2")),
-    ("string number", b'{"name": "bad-3", "materials": [{"name": "Material bad-3", "concentration": "1"}]}', {}, 400, formula("bad-3")),
-    ("over 100", b'{"name": "bad-4", "materials": [{"name": "Material bad-4", "concentration": 100.5}]}', {}, 400, formula("bad-4")),
-    ("unknown key", b'{"name": "bad-5", "x": 1, "materials": [{"name": "Material bad-5", "concentration": 1}]}', {}, 400, formula("bad-5")),
-    ("wrong media type", json.dumps(formula("bad-6")).encode(), {"Content-Type": "text/plain"}, 415, formula("bad-6")),
-    ("too large", json.dumps(formula("bad-7")).encode()[:-1] + b" " * 70_000 + b"}", {}, 413, formula("bad-7")),
-    ("bad idempotency key", json.dumps(formula("bad-8")).encode(), {"Idempotency-Key": ""}, 400, formula("bad-8")),
+    (
+        "NaN",
+        b'{"name": "bad-2", "materials": [{"name": "Material bad-2", "concentration": NaN}]}',
+        {},
+        400,
+        formula("bad-2"),
+    ),
+    (
+        "string number",
+        b'{"name": "bad-3", "materials": [{"name": "Material bad-3", "concentration": "1"}]}',
+        {},
+        400,
+        formula("bad-3"),
+    ),
+    (
+        "over 100",
+        b'{"name": "bad-4", "materials": [{"name": "Material bad-4", "concentration": 100.5}]}',
+        {},
+        400,
+        formula("bad-4"),
+    ),
+    (
+        "unknown key",
+        b'{"name": "bad-5", "x": 1, "materials": [{"name": "Material bad-5", "concentration": 1}]}',
+        {},
+        400,
+        formula("bad-5"),
+    ),
+    (
+        "wrong media type",
+        json.dumps(formula("bad-6")).encode(),
+        {"Content-Type": "text/plain"},
+        415,
+        formula("bad-6"),
+    ),
+    (
+        "too large",
+        json.dumps(formula("bad-7")).encode()[:-1] + b" " * 70_000 + b"}",
+        {},
+        413,
+        formula("bad-7"),
+    ),
+    (
+        "bad idempotency key",
+        json.dumps(formula("bad-8")).encode(),
+        {"Idempotency-Key": ""},
+        400,
+        formula("bad-8"),
+    ),
 ]
 
 
-@pytest.mark.parametrize(("what", "body", "headers", "status", "corrected"), BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
+@pytest.mark.parametrize(
+    ("what", "body", "headers", "status", "corrected"), BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS]
+)
 def test_bad_input_is_refused_stores_nothing_and_its_corrected_twin_is_accepted(
     stack, what, body, headers, status, corrected
 ) -> None:

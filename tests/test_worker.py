@@ -109,7 +109,11 @@ def test_the_heartbeat_renews_leases_held_past_a_third_of_their_time(broker, clo
 
 def test_stopping_releases_the_rest_of_the_batch_at_once(broker) -> None:
     ids = [
-        broker.submit(parse_formula(f'{{"name": "f", "materials": [{{"name": "m{i}", "concentration": 1}}]}}'.encode())).formula.id
+        broker.submit(
+            parse_formula(
+                f'{{"name": "f", "materials": [{{"name": "m{i}", "concentration": 1}}]}}'.encode()
+            )
+        ).formula.id
         for i in range(3)
     ]
     worker = consumer(broker, batch_size=3)

@@ -37,7 +37,9 @@ def parse_args(argv: list[str] | None, settings: Settings) -> tuple[Settings, ar
     parser.add_argument("--batch", type=int, default=10, help="messages per receive (default 10)")
     parser.add_argument("--wait", type=float, default=1.0, help="long-poll seconds (default 1)")
     parser.add_argument("--grace", type=float, default=30.0, help="seconds to finish on stop")
-    parser.add_argument("--retry-base", type=float, default=1.0, help="first retry delay ceiling (s)")
+    parser.add_argument(
+        "--retry-base", type=float, default=1.0, help="first retry delay ceiling (s)"
+    )
     parser.add_argument("--retry-cap", type=float, default=60.0, help="longest retry delay (s)")
     parser.add_argument("--handler", help="module:function (FORMULARY_HANDLER)")
     parser.add_argument("--address", help="broker address (FORMULARY_BROKER_ADDRESS)")

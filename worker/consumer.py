@@ -20,6 +20,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 from broker.errors import BrokerUnavailable, FormularyError, StaleReceipt
 from broker.interface import ConsumerBroker, Delivery
@@ -114,7 +115,9 @@ class Consumer:
             except BrokerUnavailable as exc:
                 self._unavailable += 1
                 delay = self.backoff.delay(self._unavailable, self._rng)
-                log.warning("%s: broker unavailable (%s); retrying in %.1fs", self.name, exc.reason, delay)
+                log.warning(
+                    "%s: broker unavailable (%s); retrying in %.1fs", self.name, exc.reason, delay
+                )
                 self._stop.wait(delay)
         self.release_all()
 
@@ -166,7 +169,7 @@ class Consumer:
         """
         for receipt in self.held.all():
             try:
-                self._settle(receipt, lambda r=receipt: self.broker.nack(r, 0.0))
+                self._settle(receipt, partial(self.broker.nack, receipt, 0.0))
             except BrokerUnavailable:
                 continue
 
