@@ -129,4 +129,3 @@ class FormulaStore:
 
 def _encode(seq: int) -> str:
     return base64.urlsafe_b64encode(f"s{seq}".encode("ascii")).rstrip(b"=").decode("ascii")
-
