@@ -6,9 +6,7 @@ import hashlib
 import json
 import pickle
 import string
-import time
 import unicodedata
-from collections.abc import Callable
 from decimal import Decimal
 
 import pytest
@@ -383,13 +381,11 @@ def test_the_sum_message_gives_the_exact_total() -> None:
     assert messages(raw) == ["concentrations add up to 100.100001, more than 100"]
 
 
-def test_a_deeply_nested_body_is_refused_quickly_without_recursing() -> None:
-    started = time.perf_counter()
+def test_a_deeply_nested_body_is_refused_without_recursing() -> None:
     for raw in (b"[" * MAX_BODY_BYTES, b"{" * MAX_BODY_BYTES, b'{"a":' * 13000):
         with pytest.raises(InvalidFormula) as caught:
             parse_json(raw)
         assert caught.value.errors[0].message == "is nested more than 32 levels deep"
-    assert time.perf_counter() - started < 0.5
 
 
 def test_nesting_up_to_max_depth_parses_and_one_more_level_does_not() -> None:
@@ -404,26 +400,18 @@ def test_escaped_quotes_do_not_hide_nesting_from_the_depth_scan() -> None:
         parse_json(raw)
 
 
-def test_many_unterminated_looking_strings_are_scanned_in_linear_time() -> None:
-    started = time.perf_counter()
+def test_many_unterminated_looking_strings_are_refused() -> None:
     for raw in (b'"\\"' * 21000, b'["' + b'\\"' * 32000):
         with pytest.raises(InvalidFormula):
             parse_json(raw)
-    assert time.perf_counter() - started < 0.5
 
 
-def test_a_64_kib_body_validates_in_milliseconds() -> None:
+def test_a_64_kib_body_of_500_materials_validates() -> None:
+    # Its speed is measured in bench/, not asserted here.
     long_name = "x" * 96
     raw = body(*(mat(f"{long_name}{index:03}", "0.2") for index in range(MAX_MATERIALS)))
     assert MAX_BODY_BYTES - 2000 < len(raw) <= MAX_BODY_BYTES
-    best = min(_timed(parse_formula, raw) for _ in range(3))
-    assert best < 0.1  # a few ms in practice; the bound only catches quadratic work
-
-
-def _timed(function: Callable[[bytes], object], raw: bytes) -> float:
-    started = time.perf_counter()
-    function(raw)
-    return time.perf_counter() - started
+    assert len(parse_formula(raw).materials) == MAX_MATERIALS
 
 
 # --- parse_json ---------------------------------------------------------------
