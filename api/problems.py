@@ -25,6 +25,7 @@ from broker.errors import (
     InvalidCursor,
     InvalidFormula,
     QueueFull,
+    StorageFailed,
 )
 
 log = logging.getLogger(__name__)
@@ -94,6 +95,7 @@ def register(app: falcon.App[falcon.Request, falcon.Response]) -> None:
     app.add_error_handler(DuplicateFormula, _duplicate)
     app.add_error_handler(QueueFull, _queue_full)
     app.add_error_handler(BrokerUnavailable, _unavailable)
+    app.add_error_handler(StorageFailed, _storage_failed)
     app.add_error_handler(FormulaNotFound, _not_found)
     app.add_error_handler(InvalidCursor, _invalid_cursor)
     app.add_error_handler(IdempotencyKeyReused, _key_reused)
@@ -157,6 +159,18 @@ def _unavailable(
         503,
         "broker-unavailable",
         "The broker cannot be reached right now. Retry later.",
+        headers={"Retry-After": RETRY_AFTER_SECONDS},
+    )
+
+
+def _storage_failed(
+    req: falcon.Request, resp: falcon.Response, ex: StorageFailed, params: Any
+) -> None:
+    log.error("broker could not journal a change: %s", ex.reason)
+    raise Problem(
+        503,
+        "storage-failed",
+        "The broker could not record this change; nothing was stored. Retry later.",
         headers={"Retry-After": RETRY_AFTER_SECONDS},
     )
 

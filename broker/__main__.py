@@ -11,6 +11,8 @@ from dataclasses import replace
 from pathlib import Path
 from types import FrameType
 
+from broker.admin import AdminCommands, AdminServer
+from broker.journal import JournalError, open_journal
 from broker.manager import make_server
 from broker.service import Broker
 from broker.settings import Settings, SettingsError
@@ -19,6 +21,7 @@ log = logging.getLogger("broker")
 
 EXIT_OK = 0
 EXIT_CONFIG = 2
+EXIT_DATA = 3  # the journal cannot be used: never start fresh over it
 
 
 def parse_args(argv: list[str] | None, settings: Settings) -> Settings:
@@ -51,16 +54,31 @@ def main(argv: list[str] | None = None) -> int:
         level=settings.log_level,
         format="%(asctime)s %(levelname)s %(name)s [%(process)d] %(message)s",
     )
-    broker = Broker(
-        queue_capacity=settings.queue_capacity,
-        visibility_timeout=settings.visibility_timeout,
-        max_deliveries=settings.max_deliveries,
-        idempotency_ttl=settings.idempotency_ttl,
-    )
+    try:
+        broker = Broker(
+            queue_capacity=settings.queue_capacity,
+            visibility_timeout=settings.visibility_timeout,
+            max_deliveries=settings.max_deliveries,
+            idempotency_ttl=settings.idempotency_ttl,
+            journal=open_journal(settings.data),
+        )
+    except JournalError as exc:
+        log.error("cannot use the journal: %s", exc)
+        return EXIT_DATA
     try:
         server = make_server(broker, settings)
     except (SettingsError, OSError) as exc:
         log.error("cannot start: %s", exc)
+        broker.close()
+        return EXIT_CONFIG
+    admin = AdminServer(settings.admin_socket, AdminCommands(broker))
+    try:
+        admin.start()
+    except (SettingsError, OSError) as exc:
+        log.error("cannot open the admin socket: %s", exc)
+        if not settings.uses_tcp:
+            Path(settings.broker_address).unlink(missing_ok=True)
+        broker.close()
         return EXIT_CONFIG
 
     def stop(signum: int, frame: FrameType | None) -> None:
@@ -69,7 +87,13 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    log.info("broker serving on %s (pid %d)", settings.broker_address, os.getpid())
+    log.info(
+        "broker serving on %s, admin socket %s, journal %s (pid %d)",
+        settings.broker_address,
+        settings.admin_socket,
+        settings.data,
+        os.getpid(),
+    )
     try:
         server.serve_forever()
     except SystemExit:
@@ -77,6 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if not settings.uses_tcp:
             Path(settings.broker_address).unlink(missing_ok=True)
+        admin.close()
+        broker.close()
         log.info("broker stopped")
     return EXIT_OK
 

@@ -16,6 +16,7 @@ Otherwise the caller gets ``BrokerUnavailable`` and decides (the API answers
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -118,6 +119,9 @@ class BrokerClient:
 
     def close(self) -> None:
         """Forget this thread's connection (the next call makes a new one)."""
+        proxy: BrokerProxy | None = getattr(self._local, "proxy", None)
+        if proxy is not None:
+            _forget_connection(proxy)
         self._local.proxy = None
 
     def _call(self, method: Callable[[BrokerProxy], T], *, idempotent: bool) -> T:
@@ -155,6 +159,7 @@ class BrokerClient:
         try:
             manager.connect()
             proxy: BrokerProxy = manager.broker()  # type: ignore[attr-defined]
+            _own_connection(proxy)
         except AuthenticationError:
             raise BrokerUnavailable("the broker refused our authkey") from None
         except (*_NOT_SENT, *_CONNECTION_LOST) as exc:
@@ -163,9 +168,33 @@ class BrokerClient:
         return proxy
 
     def _drop(self, exc: BaseException) -> None:
-        if getattr(self._local, "proxy", None) is not None:
+        proxy: BrokerProxy | None = getattr(self._local, "proxy", None)
+        if proxy is not None:
             log.warning("lost the broker connection (%s); will reconnect", _describe(exc))
+            _forget_connection(proxy)
         self._local.proxy = None
+
+
+def _own_connection(proxy: BrokerProxy) -> None:
+    """Give ``proxy`` a connection of its own.
+
+    BaseProxy keeps one connection per thread *per address*, shared by every
+    proxy for that address in the process, and keeps it after a call on it
+    fails. After a broker restart that shared socket is either dead, or has
+    been reconnected by another proxy to the *new* broker, where this proxy's
+    object id means nothing. A private slot makes each proxy's connection live
+    and die with the proxy.
+    """
+    proxy._tls = threading.local()  # type: ignore[attr-defined]
+
+
+def _forget_connection(proxy: BrokerProxy) -> None:
+    """Close the proxy's connection (see ``_own_connection``)."""
+    connection = getattr(proxy._tls, "connection", None)  # type: ignore[attr-defined]
+    if connection is not None:
+        with contextlib.suppress(OSError):
+            connection.close()
+        del proxy._tls.connection  # type: ignore[attr-defined]
 
 
 def _describe(exc: BaseException) -> str:

@@ -123,6 +123,17 @@ class MessageNotFound(FormularyError):
         return str(self.args[0])
 
 
+class StorageFailed(FormularyError):
+    """The journal could not record a change; nothing that was asked happened."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+
+    @property
+    def reason(self) -> str:
+        return str(self.args[0])
+
+
 class BrokerUnavailable(FormularyError):
     """The broker could not be reached; the caller may retry later.
 

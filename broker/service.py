@@ -7,6 +7,15 @@ method does is all-or-nothing with respect to every other caller: a submit
 checks the dedupe index, stores the formula and publishes its message, or
 changes nothing.
 
+Durability. Every change is also written to the journal (``broker.journal``)
+within the same call. A submit changes memory first, then writes the
+journal, and undoes the memory changes if the write fails, so a client that
+got an error has nothing stored anywhere. An ack or a result is checked,
+journalled, then applied (applying cannot fail). Delivery counts, dead
+letters and redrives are journalled after the memory change: a failed write
+there can only leave a count on disk lower than in memory, and a restart
+makes every unacknowledged message visible again anyway.
+
 ``receive`` long-polls on a condition variable tied to that lock: the waiting
 thread sleeps until a publish, nack or redrive notifies it, or until the
 earliest lease or delay falls due, or until its own deadline.
@@ -28,6 +37,7 @@ from broker.errors import (
     IdempotencyKeyReused,
     MessageNotFound,
     QueueFull,
+    StorageFailed,
 )
 from broker.formula import FormulaDraft
 from broker.idempotency import IdempotencyKeys, Remembered
@@ -43,7 +53,20 @@ from broker.interface import (
     MessageInfo,
     Submission,
 )
-from broker.queue import DeadLettered, MessageQueue
+from broker.journal import (
+    BuryMessage,
+    Change,
+    CountDelivery,
+    DeleteMessage,
+    ForgetKeys,
+    Journal,
+    MemoryJournal,
+    RecordResult,
+    RedriveMessage,
+    RememberKey,
+    StoreFormula,
+)
+from broker.queue import DeadLettered, MessageQueue, Redriven
 from broker.store import FormulaRecord, FormulaStore
 
 log = logging.getLogger(__name__)
@@ -94,6 +117,7 @@ class Broker:
         wall_clock: Clock = time.time,
         new_id: Callable[[], str] = new_id,
         queue: MessageQueue | None = None,
+        journal: Journal | None = None,
     ) -> None:
         self._lock = threading.Condition(threading.Lock())
         self._clock = clock
@@ -107,10 +131,50 @@ class Broker:
             max_deliveries=max_deliveries,
             clock=clock,
         )
+        self._journal: Journal = journal or MemoryJournal()
+        self._keys_expired = False
         self._submitted = 0
         self._duplicates = 0
         self._refused_capacity = 0
         self._processed = 0
+        self._recover()
+
+    def _recover(self) -> None:
+        """Rebuild store, index, keys and queue from the journal."""
+        recovered = self._journal.load()
+        for record in recovered.formulas:
+            self._store.add(record)
+        buried: list[Change] = []
+        for message in recovered.messages:
+            # A message that used its last delivery before the crash is dead:
+            # its lease would have run out into the dead letters.
+            dead = message.dead or message.deliveries >= self._queue.max_deliveries
+            if dead and not message.dead:
+                buried.append(BuryMessage(message.message_id))
+            self._queue.restore(
+                message.message_id,
+                message.formula_id,
+                message.fingerprint,
+                message.deliveries,
+                dead,
+            )
+        for remembered in recovered.keys:
+            self._keys.restore(remembered)
+        self._keys_expired = self._keys.expire(self._wall_clock()) > 0
+        if buried:
+            self._journal.write(buried)
+        if recovered.formulas or recovered.messages:
+            log.info(
+                "recovered %d formulas, %d unacknowledged messages, %d idempotency keys",
+                len(recovered.formulas),
+                len(recovered.messages),
+                len(recovered.keys),
+            )
+
+    def close(self) -> None:
+        """Close the journal (not exposed: the broker process calls it on exit)."""
+        with self._lock:
+            self._journal.close()
 
     # -- submissions ----------------------------------------------------------
 
@@ -120,16 +184,18 @@ class Broker:
     def submit(self, draft: FormulaDraft, idempotency: IdempotencyKey | None = None) -> Submission:
         with self._lock:
             now = self._wall_clock()
+            if self._keys.expire(now):
+                self._keys_expired = True
             if idempotency is not None:
                 earlier = self._keys.get(idempotency.key, now)
                 if earlier is not None:
                     return self._replay(earlier, idempotency)
             existing = self._store.by_fingerprint(draft.fingerprint)
             if existing is not None:
-                self._duplicates += 1
                 duplicate = DuplicateFormula(existing.formula_id, existing.fingerprint)
                 if idempotency is not None:
-                    self._keys.put(idempotency.key, idempotency.body_digest, duplicate, now)
+                    self._remember_duplicate(idempotency, duplicate, now)
+                self._duplicates += 1
                 raise duplicate
             if not self._queue.has_room():
                 self._refused_capacity += 1
@@ -155,20 +221,49 @@ class Broker:
         idempotency: IdempotencyKey | None,
         now: float,
     ) -> None:
-        """Apply the three changes of a submit, undoing the done ones if any step fails."""
+        """Store, remember the key, publish and journal: all of it, or none of it."""
         self._store.add(record)
         remembered: Remembered | None = None
+        published = False
         try:
+            changes: list[Change] = [StoreFormula(record)]
             if idempotency is not None:
                 remembered = self._keys.put(
                     idempotency.key, idempotency.body_digest, submission, now
                 )
+                changes.append(RememberKey(remembered))
             self._queue.publish(record.message_id, record.formula_id, record.fingerprint)
+            published = True
+            self._write(changes, now)
         except BaseException:
+            if published:
+                self._queue.unpublish(record.message_id)
             if remembered is not None:
                 self._keys.discard(remembered)
             self._store.discard_last(record)
             raise
+
+    def _remember_duplicate(
+        self, idempotency: IdempotencyKey, duplicate: DuplicateFormula, now: float
+    ) -> None:
+        remembered = self._keys.put(idempotency.key, idempotency.body_digest, duplicate, now)
+        try:
+            self._write([RememberKey(remembered)], now)
+        except BaseException:
+            self._keys.discard(remembered)
+            raise
+
+    def _write(self, changes: list[Change], now: float | None = None) -> None:
+        """Journal ``changes`` in one transaction; a failure becomes ``StorageFailed``."""
+        if now is not None and self._keys_expired:
+            changes = [*changes, ForgetKeys(now)]
+        try:
+            self._journal.write(changes)
+        except Exception as exc:
+            log.error("journal write failed: %r", exc)
+            raise StorageFailed(f"{type(exc).__name__}: {exc}") from None
+        if now is not None:
+            self._keys_expired = False
 
     def _replay(self, earlier: Remembered, idempotency: IdempotencyKey) -> Submission:
         if earlier.body_digest != idempotency.body_digest:
@@ -229,11 +324,20 @@ class Broker:
         with self._lock:
             while True:
                 deliveries = self._queue.receive(consumer, max_messages, visibility_timeout)
+                counts: list[Change] = []
                 for delivery in deliveries:
                     record = self._store.get(delivery.formula_id)
                     if record is not None:
                         record.deliveries += 1
-                self._settle_events()
+                        counts.append(
+                            CountDelivery(
+                                delivery.message_id,
+                                delivery.formula_id,
+                                delivery.delivery,
+                                record.deliveries,
+                            )
+                        )
+                self._settle_events(counts)
                 now = self._clock()
                 if deliveries or now >= deadline:
                     if deliveries:
@@ -250,16 +354,29 @@ class Broker:
             if lease is None:
                 return False
             record = self._store.get(lease.formula_id)
+            first = record is not None and record.processed_at is None
+            processed_at = self._wall_clock()
+            summary = dict(summary)
+            if first:
+                self._write(
+                    [RecordResult(lease.formula_id, lease.message_id, processed_at, summary)]
+                )
+            else:
+                self._write([DeleteMessage(lease.message_id)])
             self._queue.ack(receipt)
-            if record is not None and record.processed_at is None:
-                record.processed_at = self._wall_clock()
-                record.summary = dict(summary)
+            if first and record is not None:
+                record.processed_at = processed_at
+                record.summary = summary
                 self._processed += 1
             self._settle_events()
             return True
 
     def ack(self, receipt: str) -> bool:
         with self._lock:
+            lease = self._queue.lease(receipt)
+            if lease is None:
+                return False
+            self._write([DeleteMessage(lease.message_id)])
             acked = self._queue.ack(receipt)
             self._settle_events()
             return acked
@@ -307,7 +424,9 @@ class Broker:
 
     # -- internals ---------------------------------------------------------------
 
-    def _settle_events(self) -> None:
+    def _settle_events(self, changes: list[Change] | None = None) -> None:
+        """Journal what the queue did on its own: dead letters and redrives."""
+        changes = list(changes or ())
         for event in self._queue.drain_events():
             if isinstance(event, DeadLettered):
                 log.warning(
@@ -316,6 +435,11 @@ class Broker:
                     event.formula_id,
                     event.deliveries,
                 )
+                changes.append(BuryMessage(event.message_id))
+            elif isinstance(event, Redriven):
+                changes.append(RedriveMessage(event.message_id))
+        if changes:
+            self._write(changes)
 
     def _status(self, record: FormulaRecord) -> str:
         if record.processed_at is not None:

@@ -4,6 +4,8 @@ import itertools
 from collections.abc import Iterator
 
 import pytest
+from _pytest.nodes import Item
+from _pytest.runner import CallInfo
 
 from broker.service import Broker
 
@@ -42,3 +44,19 @@ def broker(clock: FakeClock, wall_clock: FakeClock) -> Iterator[Broker]:
         wall_clock=wall_clock,
         new_id=lambda: next(ids),
     )
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item: Item, call: CallInfo[None]) -> object:
+    # Lets fixtures that run processes print their logs when the test failed.
+    report = yield
+    if call.when == "call":
+        item.stash[FAILED] = bool(report.failed)  # type: ignore[attr-defined]
+    return report
+
+
+FAILED = pytest.StashKey[bool]()
+
+
+def call_failed(request: pytest.FixtureRequest) -> bool:
+    return request.node.stash.get(FAILED, False)

@@ -114,10 +114,15 @@ class Environment:
     directory: Path
     port: int
     extra: dict[str, str] = field(default_factory=dict)
+    durable: bool = False
 
     @property
     def broker_address(self) -> str:
         return str(self.directory / "broker.sock")
+
+    @property
+    def journal(self) -> Path:
+        return self.directory / "journal.sqlite3"
 
     @property
     def admin_socket(self) -> str:
@@ -129,7 +134,7 @@ class Environment:
             {
                 "FORMULARY_BROKER_ADDRESS": self.broker_address,
                 "FORMULARY_AUTHKEY_FILE": str(self.directory / "authkey"),
-                "FORMULARY_DATA": ":memory:",
+                "FORMULARY_DATA": str(self.journal) if self.durable else ":memory:",
                 "FORMULARY_ADMIN_SOCKET": self.admin_socket,
                 "FORMULARY_BIND": f"127.0.0.1:{self.port}",
                 "FORMULARY_WEB_WORKERS": "2",
@@ -148,10 +153,13 @@ class Environment:
 
 
 @contextmanager
-def environment(**extra: str) -> Iterator[Environment]:
-    # Short paths: Unix socket paths must stay under ~100 bytes.
+def environment(durable: bool = False, **extra: str) -> Iterator[Environment]:
+    """A private directory (short: Unix socket paths must stay under ~100 bytes).
+
+    ``durable`` puts the broker's journal in a file there instead of memory.
+    """
     with tempfile.TemporaryDirectory(prefix="fm-") as directory:
-        yield Environment(Path(directory), free_port(), dict(extra))
+        yield Environment(Path(directory), free_port(), dict(extra), durable)
 
 
 class Process:
@@ -292,9 +300,9 @@ class Stack:
 
 @contextmanager
 def running_stack(
-    workers: int = 0, worker_args: tuple[str, ...] = (), **extra: str
+    workers: int = 0, worker_args: tuple[str, ...] = (), durable: bool = False, **extra: str
 ) -> Iterator[Stack]:
-    with environment(**extra) as env:
+    with environment(durable, **extra) as env:
         stack = Stack(env)
         try:
             stack.start_broker()

@@ -19,6 +19,7 @@ EXAMPLES = [
     errors.InvalidCursor("zzz"),
     errors.StaleReceipt("m.r"),
     errors.MessageNotFound("m"),
+    errors.StorageFailed("disk full"),
     errors.BrokerUnavailable("refused"),
 ]
 

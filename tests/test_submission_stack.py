@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
+import subprocess
+import sys
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
@@ -149,5 +153,37 @@ def test_a_dead_broker_means_503_and_a_restarted_one_is_used_without_restarting_
         api_pid = stack.api.pid
         stack.start_broker()
         wait_for(lambda: stack.http.get("/health").status == 200, what="the API to reconnect")
-        assert stack.http.post_json("/formulas", formula("after")).status == 202
+        # Every gunicorn worker thread, not just the first to answer, works again:
+        # reads retry on a fresh connection, writes only fail if they may have been sent.
+        with ThreadPoolExecutor(8) as pool:
+            reads = list(pool.map(lambda _: stack.http.get("/formulas").status, range(48)))
+        assert reads == [200] * 48
+        writes = [
+            stack.http.post_json("/formulas", formula(f"after-{i}")).status for i in range(24)
+        ]
+        assert writes == [202] * 24
         assert stack.api.pid == api_pid and stack.api.alive()
+
+
+def test_the_admin_socket_of_the_real_broker_is_owner_only_and_answers_the_cli(stack) -> None:
+    mode = stat.S_IMODE(os.stat(stack.env.admin_socket).st_mode)
+    assert mode == 0o600
+    created = stack.http.post_json("/formulas", formula("admin-show")).json()
+    run = subprocess.run(
+        [sys.executable, "-m", "broker.admin", "--json", "show", created["id"]],
+        env=stack.env.env(),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert run.returncode == 0, run.stderr
+    reply = json.loads(run.stdout)
+    assert reply["ok"] is True and reply["formula"]["id"] == created["id"]
+    stats = subprocess.run(
+        [sys.executable, "-m", "broker.admin", "stats"],
+        env=stack.env.env(),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert stats.returncode == 0 and "formulas" in stats.stdout
