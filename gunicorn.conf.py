@@ -1,9 +1,14 @@
 """gunicorn settings for the Formulary API: ``gunicorn -c gunicorn.conf.py``.
 
 Declarative on purpose: values come from ``broker.settings.Settings`` (the
-``FORMULARY_*`` environment), hooks only log. ``preload_app`` stays off so
-every worker imports the app, and so connects to the broker, after the fork.
+``FORMULARY_*`` environment), hooks only log, or do the one piece of
+plumbing each names. ``preload_app`` stays off so every worker imports the
+app, and so connects to the broker and sets up its metrics, after the fork.
 """
+
+import os
+import shutil
+import tempfile
 
 from broker.settings import Settings
 
@@ -56,6 +61,16 @@ proc_name = "formulary-api"
 #
 # Server hooks
 #
+def on_starting(server):
+    # Prometheus multiprocess mode: each worker writes its metrics to files in
+    # this arbiter's private directory and /metrics merges them all. The
+    # library reads PROMETHEUS_MULTIPROC_DIR when a worker first imports it,
+    # so it is exported here, before any fork. This is the one environment
+    # write of the API: plumbing between gunicorn and prometheus_client.
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="formulary-metrics-")
+    server.log.info("workers' metrics are merged from %s", os.environ["PROMETHEUS_MULTIPROC_DIR"])
+
+
 def when_ready(server):
     server.log.info("Formulary API listening on %s", ", ".join(bind))
 
@@ -66,3 +81,16 @@ def post_fork(server, worker):
 
 def worker_abort(worker):
     worker.log.warning("worker %s aborted (timeout)", worker.pid)
+
+
+def child_exit(server, worker):
+    # Imported here, not at the top: importing prometheus_client before
+    # on_starting has exported the directory would fix single-process mode
+    # in the arbiter, and the workers forked from it would inherit that.
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid)
+
+
+def on_exit(server):
+    shutil.rmtree(os.environ["PROMETHEUS_MULTIPROC_DIR"], ignore_errors=True)

@@ -2,25 +2,38 @@
 
 from __future__ import annotations
 
+import logging
+
 import falcon
 
 from api import problems
 from api.formulas import FormulaResource, FormulasResource
 from api.health import HealthResource
+from api.metrics import MetricsResource
+from api.middleware import RequestLog
+from api.openapi import OpenApiResource
 from broker.client import BrokerClient
 from broker.interface import SubmissionBroker
 from broker.settings import Settings
 
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(process)d] %(message)s"
+
 
 def create_app(broker: SubmissionBroker) -> falcon.App[falcon.Request, falcon.Response]:
-    app = falcon.App()
+    app = falcon.App(middleware=[RequestLog()])
     app.add_route("/formulas", FormulasResource(broker))
     app.add_route("/formulas/{formula_id}", FormulaResource(broker))
     app.add_route("/health", HealthResource(broker))
+    app.add_route("/metrics", MetricsResource(broker))
+    app.add_route("/openapi.json", OpenApiResource())
     problems.register(app)
     return app
 
 
 def get_app(settings: Settings | None = None) -> falcon.App[falcon.Request, falcon.Response]:
     """The app on a broker client that connects lazily, after gunicorn's fork."""
-    return create_app(BrokerClient(settings or Settings.from_env()))
+    settings = settings or Settings.from_env()
+    # Our loggers (api.access, broker.client...) go to stderr at the configured
+    # level; gunicorn's own loggers keep their handlers.
+    logging.basicConfig(level=settings.log_level, format=LOG_FORMAT)
+    return create_app(BrokerClient(settings))

@@ -15,6 +15,9 @@ from broker.interface import IdempotencyKey, SubmissionBroker
 DEFAULT_LIMIT = 50
 MAX_LIMIT = 500
 MAX_KEY_LENGTH = 255
+# Cursors handed out are a dozen characters; a longer one cannot be ours, and
+# refusing it here keeps an arbitrarily long string away from the decoder.
+MAX_CURSOR_LENGTH = 64
 
 
 class FormulasResource:
@@ -44,6 +47,8 @@ class FormulasResource:
         cursor = req.get_param("cursor")
         if cursor is not None and not cursor:
             raise invalid([FieldError("cursor", "must not be empty")])
+        if cursor is not None and len(cursor) > MAX_CURSOR_LENGTH:
+            raise invalid([FieldError("cursor", "is not a cursor this server handed out")])
         page = self._broker.list_formulas(limit, cursor)
         resp.content_type = falcon.MEDIA_JSON
         resp.data = dumps(
@@ -85,13 +90,10 @@ def read_body(req: falcon.Request) -> bytes:
 
 
 def _too_large() -> Problem:
-    # The rest of the body is never read, so the connection cannot be reused.
-    return Problem(
-        413,
-        "body-too-large",
-        f"The body is larger than {MAX_BODY_BYTES} bytes.",
-        headers={"Connection": "close"},
-    )
+    # The rest of the body is never read here; gunicorn discards it before it
+    # reads the next request on the connection (WSGI apps may not set the
+    # hop-by-hop Connection header themselves).
+    return Problem(413, "body-too-large", f"The body is larger than {MAX_BODY_BYTES} bytes.")
 
 
 def idempotency_key(req: falcon.Request) -> str | None:
@@ -112,6 +114,9 @@ def page_limit(req: falcon.Request) -> int:
     raw = req.get_param("limit")
     if raw is None:
         return DEFAULT_LIMIT
-    if not raw.isdigit() or not 1 <= int(raw) <= MAX_LIMIT:
+    # ASCII digits only ("²".isdigit() is true, and int() refuses it), and
+    # few enough that int() cannot hit its digit limit.
+    digits = raw.isascii() and raw.isdigit() and len(raw) <= 9
+    if not digits or not 1 <= int(raw) <= MAX_LIMIT:
         raise invalid([FieldError("limit", f"must be a whole number from 1 to {MAX_LIMIT}")])
     return int(raw)

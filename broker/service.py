@@ -23,6 +23,7 @@ earliest lease or delay falls due, or until its own deadline.
 
 from __future__ import annotations
 
+import gc
 import logging
 import secrets
 import threading
@@ -62,12 +63,13 @@ from broker.journal import (
     Journal,
     MemoryJournal,
     RecordResult,
+    Recovered,
     RedriveMessage,
     RememberKey,
     StoreFormula,
 )
 from broker.queue import DeadLettered, MessageQueue, Redriven
-from broker.store import FormulaRecord, FormulaStore
+from broker.store import FormulaRecord, FormulaStore, pack_materials
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +143,17 @@ class Broker:
 
     def _recover(self) -> None:
         """Rebuild store, index, keys and queue from the journal."""
-        recovered = self._journal.load()
+        # Millions of new objects, none of them garbage: collecting while
+        # building them only costs time.
+        collecting = gc.isenabled()
+        gc.disable()
+        try:
+            self._rebuild(self._journal.load())
+        finally:
+            if collecting:
+                gc.enable()
+
+    def _rebuild(self, recovered: Recovered) -> None:
         for record in recovered.formulas:
             self._store.add(record)
         buried: list[Change] = []
@@ -203,7 +215,7 @@ class Broker:
             record = FormulaRecord(
                 formula_id=self._new_id(),
                 name=draft.name,
-                materials=draft.materials,
+                packed_materials=pack_materials(draft.materials),
                 fingerprint=draft.fingerprint,
                 message_id=self._new_id(),
                 created_at=now,

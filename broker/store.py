@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import base64
 import binascii
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import Any
 
 from broker.errors import InvalidCursor
@@ -22,16 +23,22 @@ from broker.formula import Material
 
 
 class FormulaRecord:
-    """One stored formula and its processing state (mutable, broker-private)."""
+    """One stored formula and its processing state (mutable, broker-private).
+
+    The materials are kept packed in one string (see ``pack_materials``) and
+    unpacked when a view is made: a million stored formulas then cost a
+    million strings rather than several million ``Material`` and ``Decimal``
+    objects, which is most of the broker's memory and recovery time.
+    """
 
     __slots__ = (
         "created_at",
         "deliveries",
         "fingerprint",
         "formula_id",
-        "materials",
         "message_id",
         "name",
+        "packed_materials",
         "processed_at",
         "seq",
         "summary",
@@ -39,10 +46,9 @@ class FormulaRecord:
 
     def __init__(
         self,
-        *,
         formula_id: str,
         name: str,
-        materials: tuple[Material, ...],
+        packed_materials: str,
         fingerprint: str,
         message_id: str,
         created_at: float,
@@ -53,7 +59,7 @@ class FormulaRecord:
     ) -> None:
         self.formula_id = formula_id
         self.name = name
-        self.materials = materials
+        self.packed_materials = packed_materials
         self.fingerprint = fingerprint
         self.message_id = message_id
         self.created_at = created_at
@@ -61,6 +67,24 @@ class FormulaRecord:
         self.deliveries = deliveries
         self.processed_at = processed_at
         self.summary = summary
+
+    @property
+    def materials(self) -> tuple[Material, ...]:
+        return unpack_materials(self.packed_materials)
+
+
+def pack_materials(materials: Iterable[Material]) -> str:
+    """``name<TAB>decimal<TAB>name<TAB>decimal...``.
+
+    Valid names never hold a tab (a control character), and ``str()`` of a
+    canonical Decimal reads back as exactly that Decimal.
+    """
+    return "\t".join([part for m in materials for part in (m.name, str(m.concentration))])
+
+
+def unpack_materials(packed: str) -> tuple[Material, ...]:
+    parts = packed.split("\t")
+    return tuple(Material(parts[i], Decimal(parts[i + 1])) for i in range(0, len(parts), 2))
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,6 +138,8 @@ class FormulaStore:
 
     def _decode(self, cursor: str) -> int:
         """The position a cursor points at; positions only grow, so old cursors stay valid."""
+        if len(cursor) > _MAX_CURSOR:
+            raise InvalidCursor(cursor[:_MAX_CURSOR])
         try:
             raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
             text = raw.decode("ascii")
@@ -125,6 +151,11 @@ class FormulaStore:
         if not 1 <= seq <= len(self._order) or _encode(seq) != cursor:
             raise InvalidCursor(cursor)
         return seq
+
+
+# Far longer than any position this store can reach: refusing longer ones
+# keeps int() off arbitrarily long digit strings.
+_MAX_CURSOR = 32
 
 
 def _encode(seq: int) -> str:

@@ -278,7 +278,16 @@ def test_the_list_defaults_to_50(client) -> None:
 
 @pytest.mark.parametrize(
     "params",
-    [{"limit": "0"}, {"limit": "501"}, {"limit": "ten"}, {"limit": "-1"}, {"cursor": "bogus"}],
+    [
+        {"limit": "0"},
+        {"limit": "501"},
+        {"limit": "ten"},
+        {"limit": "-1"},
+        {"limit": "\u00b2"},  # a digit to str.isdigit, not to int()
+        {"limit": "1" * 5000},  # past int()'s digit limit
+        {"cursor": "bogus"},
+        {"cursor": "czE" * 2000},  # longer than any cursor handed out
+    ],
 )
 def test_a_bad_limit_or_cursor_is_400(client, params) -> None:
     result = client.simulate_get("/formulas", params=params)

@@ -11,6 +11,7 @@ from broker.errors import (
     DuplicateFormula,
     FormulaNotFound,
     IdempotencyKeyReused,
+    InvalidCursor,
     QueueFull,
     StaleReceipt,
 )
@@ -175,3 +176,10 @@ def test_receive_returns_empty_when_nothing_arrives_in_time() -> None:
 def test_an_unknown_formula_is_not_found(broker) -> None:
     with pytest.raises(FormulaNotFound):
         broker.get_formula("nope")
+
+
+@pytest.mark.parametrize("cursor", ["", "czI", "s1", "=" * 10, "czk5OTk5OTk5OTk", "MTIz" * 2000])
+def test_a_cursor_the_broker_did_not_hand_out_is_refused(broker, cursor) -> None:
+    broker.submit(ROSE)
+    with pytest.raises(InvalidCursor):
+        broker.list_formulas(10, cursor)

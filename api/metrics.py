@@ -1,0 +1,136 @@
+"""``/metrics``: Prometheus text for the API's own requests and the broker's figures.
+
+Two sources meet at scrape time:
+
+- the API's metrics (request counts, latencies, refused bodies), defined here
+  once per process and recorded by ``api.middleware.RequestLog``. Under
+  gunicorn every worker writes them to files in ``PROMETHEUS_MULTIPROC_DIR``
+  (set up by ``gunicorn.conf.py``) and a scrape merges all the workers' files,
+  so the totals are the same whichever worker answers. Without that directory
+  (tests, a single process) they live in prometheus_client's default registry.
+- the broker's gauges and counters, read by one ``broker.stats()`` call per
+  scrape. They belong to the broker, not to a worker, so they are collected
+  into the scrape's own registry only and never written to the shared files
+  (where every worker would add its copy). When the broker does not answer,
+  the scrape still succeeds with ``formulary_broker_up 0``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Iterator
+
+import falcon
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.registry import Collector
+
+from broker.errors import BrokerUnavailable
+from broker.interface import BrokerStats, SubmissionBroker
+
+NAMESPACE = "formulary"
+
+HTTP_REQUESTS = Counter(
+    "http_requests",
+    "HTTP requests answered, by method, route template and status.",
+    ["method", "route", "status"],
+    namespace=NAMESPACE,
+)
+HTTP_DURATION = Histogram(
+    "http_request_duration_seconds",
+    "Time from reading the request to having the response, by method and route template.",
+    ["method", "route"],
+    namespace=NAMESPACE,
+)
+REJECTED_BODIES = Counter(
+    "rejected_bodies",
+    "POST /formulas refused before reaching the broker (400, 413, 415), by reason.",
+    ["reason"],
+    namespace=NAMESPACE,
+)
+# The status of a POST /formulas refusal, and the reason it is counted under.
+REJECTION_REASONS = {400: "validation", 413: "body_too_large", 415: "unsupported_media_type"}
+for _reason in REJECTION_REASONS.values():
+    REJECTED_BODIES.labels(_reason)  # exported as 0 from the start, not only after one
+
+# (BrokerStats field, metric name, help); counters get "_total" when written.
+_GAUGES = (
+    ("formulas", "broker_formulas", "Formulas stored."),
+    ("depth", "broker_queue_depth", "Messages ready to be delivered."),
+    ("in_flight", "broker_in_flight", "Messages leased to a consumer and not yet acked."),
+    ("delayed", "broker_delayed", "Messages waiting out a nack delay."),
+    ("dead", "broker_dead_letters", "Messages in the dead-letter queue."),
+)
+_COUNTERS = (
+    ("submitted", "broker_submitted", "Submits that stored a new formula."),
+    ("duplicates", "broker_duplicates", "Submits refused as a known make-up (409)."),
+    ("refused_capacity", "broker_refused_capacity", "Submits refused by a full queue (503)."),
+    ("published", "broker_published", "Messages published."),
+    ("delivered", "broker_delivered", "Deliveries to consumers, redeliveries included."),
+    ("redelivered", "broker_redelivered", "Deliveries of a message delivered before."),
+    ("acked", "broker_acked", "Messages acked."),
+    ("nacked", "broker_nacked", "Messages nacked."),
+    ("dead_lettered", "broker_dead_lettered", "Messages moved to the dead-letter queue."),
+    ("redriven", "broker_redriven", "Dead letters redriven."),
+    ("processed", "broker_processed", "Formulas whose handler result was recorded."),
+)
+
+
+class BrokerCollector(Collector):
+    """The broker's ``stats()`` as metrics, read when scraped (one broker call)."""
+
+    def __init__(self, broker: SubmissionBroker) -> None:
+        self._broker = broker
+
+    def collect(self) -> Iterable[Metric]:
+        try:
+            stats = self._broker.stats()
+        except BrokerUnavailable:
+            yield _up(0)
+            return
+        yield _up(1)
+        yield from _broker_metrics(stats)
+
+
+def _up(value: int) -> GaugeMetricFamily:
+    return GaugeMetricFamily(
+        f"{NAMESPACE}_broker_up", "1 when the broker answered this scrape, else 0.", value=value
+    )
+
+
+def _broker_metrics(stats: BrokerStats) -> Iterator[Metric]:
+    for field, name, text in _GAUGES:
+        yield GaugeMetricFamily(f"{NAMESPACE}_{name}", text, value=getattr(stats, field))
+    for field, name, text in _COUNTERS:
+        yield CounterMetricFamily(f"{NAMESPACE}_{name}", text, value=getattr(stats, field))
+
+
+def multiprocess_dir() -> str | None:
+    # gunicorn.conf.py exports this before the fork, and prometheus_client
+    # reads the same variable when first imported to decide where this
+    # process's values live; our choice of registry must agree with it.
+    return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
+
+
+def scrape_registry(broker: SubmissionBroker) -> CollectorRegistry:
+    """A registry for one scrape: every worker's API metrics and the broker's."""
+    registry = CollectorRegistry()
+    directory = multiprocess_dir()
+    if directory is not None:
+        MultiProcessCollector(registry, path=directory)  # type: ignore[no-untyped-call]
+    else:
+        registry.register(REGISTRY)
+    registry.register(BrokerCollector(broker))
+    return registry
+
+
+class MetricsResource:
+    def __init__(self, broker: SubmissionBroker) -> None:
+        self._broker = broker
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        encode, content_type = choose_encoder(req.get_header("Accept") or "")
+        resp.content_type = content_type
+        resp.data = encode(scrape_registry(self._broker))
