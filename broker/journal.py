@@ -22,8 +22,8 @@ locking mode and the write lock is held until :meth:`SqliteJournal.close`, so a
 second broker on the same file is refused instead of splitting the state.
 
 Schema (version 1, ``PRAGMA user_version``): ``formulas`` in submit order
-(``seq``), with materials as ``name<TAB>decimal<TAB>...`` text (JSON
-``[[name, "decimal"], ...]`` if a name holds a tab) and the summary as JSON
+(``seq``), with materials as the record's packed ``name<TAB>decimal<TAB>...``
+text (``broker.store.pack_materials``) and the summary as JSON
 whose numbers are exact decimals (whole numbers come back as ``int``);
 ``messages`` whose ``ord`` (the rowid) is bumped on bury and redrive, so one
 scan in rowid order yields the fresh FIFO, redriven messages after it and dead
@@ -33,8 +33,7 @@ Costs: ``write`` is O(log n) per change (``ForgetKeys`` adds O(k) for the k
 keys dropped) plus one commit; a one-formula transaction with ``FULL`` takes
 about 0.1 ms on a local SSD. ``open`` runs ``PRAGMA quick_check``, O(file
 size): about 0.5 s for a million formulas. ``load`` is one sequential scan
-per table, O(n), with no per-row queries: about 10 us per formula of three
-materials, most of it building the Material and Decimal objects.
+per table, O(n), with no per-row queries and no decoding of materials.
 """
 
 from __future__ import annotations

@@ -3,6 +3,7 @@ again on the same journal, and check that every promise made still holds."""
 
 from __future__ import annotations
 
+import stat
 import sys
 import threading
 from collections.abc import Iterator
@@ -12,7 +13,14 @@ from typing import Any
 import pytest
 
 from tests.conftest import call_failed
-from tests.support import Stack, running_stack, wait_for
+from tests.support import (
+    Stack,
+    broker_process,
+    environment,
+    running_stack,
+    wait_for,
+    wait_for_broker,
+)
 
 pytestmark = pytest.mark.processes
 
@@ -143,3 +151,26 @@ def test_an_idempotency_key_replays_the_same_bytes_after_a_broker_crash(durable_
     assert again.body == first.body
     assert again.header("Idempotent-Replayed") == "true"
     assert stack.client().stats().formulas == 1
+
+
+def test_a_corrupt_journal_stops_the_broker_with_a_clear_message_and_keeps_the_file() -> None:
+    with environment(durable=True) as env:
+        garbage = b"this is not an SQLite file, but it is somebody's data\n" * 100
+        env.journal.write_bytes(garbage)
+        broker = broker_process(env).start()
+        assert broker.wait(30) == 3
+        assert str(env.journal) in broker.output()
+        assert env.journal.read_bytes() == garbage
+
+
+def test_a_missing_journal_directory_is_created_owner_only() -> None:
+    with environment(durable=True) as env:
+        nested = env.directory / "new" / "dir" / "journal.sqlite3"
+        env.extra["FORMULARY_DATA"] = str(nested)
+        broker = broker_process(env).start()
+        try:
+            wait_for_broker(env, broker)
+            assert stat.S_IMODE(nested.parent.stat().st_mode) == 0o700
+            assert stat.S_IMODE(nested.stat().st_mode) == 0o600
+        finally:
+            assert broker.stop() == 0
