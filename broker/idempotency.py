@@ -34,8 +34,9 @@ class IdempotencyKeys:
         return len(self._by_key)
 
     def get(self, key: str, now: float) -> Remembered | None:
-        self.expire(now)
-        return self._by_key.get(key)
+        """The live answer for ``key``; an expired one counts as none."""
+        remembered = self._by_key.get(key)
+        return remembered if remembered is not None and remembered.expires_at > now else None
 
     def put(self, key: str, body_digest: str, outcome: Outcome, now: float) -> Remembered:
         remembered = Remembered(key, body_digest, outcome, now + self.ttl)
