@@ -26,20 +26,7 @@ def dumps(document: Any) -> bytes:
 
 
 def formula_document(formula: FormulaView) -> dict[str, Any]:
-    return {
-        "id": formula.id,
-        "name": formula.name,
-        "materials": [
-            {"name": m.name, "concentration": m.concentration} for m in formula.materials
-        ],
-        "fingerprint": formula.fingerprint,
-        "status": formula.status,
-        "message_id": formula.message_id,
-        "created_at": formula.created_at,
-        "deliveries": formula.deliveries,
-        "processed_at": formula.processed_at,
-        "summary": None if formula.summary is None else dict(formula.summary),
-    }
+    return formula.as_data()
 
 
 def formula_location(formula_id: str) -> str:

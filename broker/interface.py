@@ -52,6 +52,23 @@ class FormulaView:
     processed_at: str | None
     summary: Mapping[str, Any] | None
 
+    def as_data(self) -> dict[str, Any]:
+        """Plain data for a JSON document (concentrations and figures stay ``Decimal``)."""
+        return {
+            "id": self.id,
+            "name": self.name,
+            "materials": [
+                {"name": m.name, "concentration": m.concentration} for m in self.materials
+            ],
+            "fingerprint": self.fingerprint,
+            "status": self.status,
+            "message_id": self.message_id,
+            "created_at": self.created_at,
+            "deliveries": self.deliveries,
+            "processed_at": self.processed_at,
+            "summary": None if self.summary is None else dict(self.summary),
+        }
+
 
 @dataclass(frozen=True, slots=True)
 class Submission:

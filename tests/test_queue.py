@@ -26,27 +26,10 @@ from broker.queue import (
     QueueEvent,
     Redriven,
 )
+from tests.conftest import FakeClock
 
 LEASE = 30.0
 MAX_DELIVERIES = 3
-
-
-class FakeClock:
-    """Monotonic seconds that move only when a test says so."""
-
-    def __init__(self, now: float = 1000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
-
-
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
 
 
 @pytest.fixture

@@ -148,20 +148,7 @@ class AdminCommands:
 
 def formula_data(formula: FormulaView) -> dict[str, Any]:
     """A formula as plain data (concentrations and summary figures stay ``Decimal``)."""
-    return {
-        "id": formula.id,
-        "name": formula.name,
-        "materials": [
-            {"name": m.name, "concentration": m.concentration} for m in formula.materials
-        ],
-        "fingerprint": formula.fingerprint,
-        "status": formula.status,
-        "message_id": formula.message_id,
-        "deliveries": formula.deliveries,
-        "created_at": formula.created_at,
-        "processed_at": formula.processed_at,
-        "summary": None if formula.summary is None else dict(formula.summary),
-    }
+    return formula.as_data()
 
 
 def _describe(exc: FormularyError) -> str:
