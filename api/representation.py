@@ -1,27 +1,28 @@
 """Domain objects to JSON documents, with exact decimals.
 
-Concentrations and summary figures are ``Decimal``. They are written as JSON
-numbers with their exact digits (``15.5``, never ``15.4999999``) by handing
-simplejson the digits as raw JSON text; nothing passes through ``float``.
+Concentrations and summary figures are ``Decimal``. simplejson's
+``use_decimal`` writes each as a JSON number with its exact digits (``15.5``,
+never ``15.4999999``); nothing passes through ``float``. Stored concentrations
+are canonical (``broker.formula.canonical_decimal``), so they print plainly:
+``10``, not ``1E+1``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from decimal import Decimal
 from typing import Any
 
 import simplejson
 
-from broker.formula import decimal_text
 from broker.interface import FormulaView
+
+_ENCODER = simplejson.JSONEncoder(
+    use_decimal=True, ensure_ascii=False, separators=(",", ":"), allow_nan=False
+)
 
 
 def dumps(document: Any) -> bytes:
     """Compact JSON, UTF-8, exact decimals."""
-    text: str = simplejson.dumps(
-        _exact(document), ensure_ascii=False, separators=(",", ":"), allow_nan=False
-    )
+    text: str = _ENCODER.encode(document)
     return text.encode("utf-8")
 
 
@@ -31,13 +32,3 @@ def formula_document(formula: FormulaView) -> dict[str, Any]:
 
 def formula_location(formula_id: str) -> str:
     return f"/formulas/{formula_id}"
-
-
-def _exact(value: Any) -> Any:
-    if isinstance(value, Decimal):
-        return simplejson.RawJSON(decimal_text(value))
-    if isinstance(value, Mapping):
-        return {k: _exact(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_exact(v) for v in value]
-    return value
