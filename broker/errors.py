@@ -101,6 +101,17 @@ class InvalidCursor(FormularyError):
         return str(self.args[0])
 
 
+class InvalidSummary(FormularyError):
+    """A handler's summary cannot be stored as JSON; nothing was recorded."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+
+    @property
+    def reason(self) -> str:
+        return str(self.args[0])
+
+
 class StaleReceipt(FormularyError):
     """The receipt is no longer the message's current lease: nothing changed."""
 

@@ -127,7 +127,7 @@ class RecordResult:
     formula_id: str
     message_id: str
     processed_at: float
-    summary: Mapping[str, Any]
+    summary_json: str  # broker.store.pack_summary
 
 
 @dataclass(frozen=True, slots=True)
@@ -563,7 +563,6 @@ def _load_formulas(conn: sqlite3.Connection) -> tuple[list[FormulaRecord], dict[
     The materials column is the record's packed form, taken as it is: nothing
     is decoded per material, which keeps a million-formula load to seconds.
     """
-    read_json = _read_json
     formulas: list[FormulaRecord] = []
     append = formulas.append
     fingerprints: dict[str, str] = {}
@@ -573,7 +572,6 @@ def _load_formulas(conn: sqlite3.Connection) -> tuple[list[FormulaRecord], dict[
     )
     for row in cursor:
         fingerprints[row[0]] = row[3]
-        summary = row[9]
         append(
             FormulaRecord(
                 row[0],
@@ -585,7 +583,7 @@ def _load_formulas(conn: sqlite3.Connection) -> tuple[list[FormulaRecord], dict[
                 row[6],
                 row[7],
                 row[8],
-                None if summary is None else read_json(summary),
+                row[9],
             )
         )
     return formulas, fingerprints
@@ -640,7 +638,7 @@ def _plan_store(run: list[Any]) -> list[_Step]:
             r.created_at,
             r.deliveries,
             r.processed_at,
-            None if r.summary is None else _json_text(r.summary),
+            r.summary_json,
         )
         for r in records
     ]
@@ -667,7 +665,7 @@ def _plan_result(run: list[Any]) -> list[_Step]:
     return [
         (
             _RECORD_RESULT,
-            [(r.processed_at, _json_text(r.summary), r.formula_id) for r in results],
+            [(r.processed_at, r.summary_json, r.formula_id) for r in results],
         ),
         (_DELETE_MESSAGE, [(r.message_id,) for r in results]),
     ]

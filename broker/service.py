@@ -36,6 +36,7 @@ from broker.errors import (
     DuplicateFormula,
     FormulaNotFound,
     IdempotencyKeyReused,
+    InvalidSummary,
     MessageNotFound,
     QueueFull,
     StorageFailed,
@@ -69,7 +70,7 @@ from broker.journal import (
     StoreFormula,
 )
 from broker.queue import DeadLettered, MessageQueue, Redriven
-from broker.store import FormulaRecord, FormulaStore, pack_materials
+from broker.store import FormulaRecord, FormulaStore, pack_materials, pack_summary
 
 log = logging.getLogger(__name__)
 
@@ -368,17 +369,20 @@ class Broker:
             record = self._store.get(lease.formula_id)
             first = record is not None and record.processed_at is None
             processed_at = self._wall_clock()
-            summary = dict(summary)
+            try:
+                summary_json = pack_summary(summary)
+            except (TypeError, ValueError) as exc:
+                raise InvalidSummary(f"{type(exc).__name__}: {exc}") from None
             if first:
                 self._write(
-                    [RecordResult(lease.formula_id, lease.message_id, processed_at, summary)]
+                    [RecordResult(lease.formula_id, lease.message_id, processed_at, summary_json)]
                 )
             else:
                 self._write([DeleteMessage(lease.message_id)])
             self._queue.ack(receipt)
             if first and record is not None:
                 record.processed_at = processed_at
-                record.summary = summary
+                record.summary_json = summary_json
                 self._processed += 1
             self._settle_events()
             return True

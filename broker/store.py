@@ -13,10 +13,13 @@ from __future__ import annotations
 
 import base64
 import binascii
+import json
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
+
+import simplejson
 
 from broker.errors import InvalidCursor
 from broker.formula import Material
@@ -25,23 +28,24 @@ from broker.formula import Material
 class FormulaRecord:
     """One stored formula and its processing state (mutable, broker-private).
 
-    The materials are kept packed in one string (see ``pack_materials``) and
-    unpacked when a view is made: a million stored formulas then cost a
-    million strings rather than several million ``Material`` and ``Decimal``
-    objects, which is most of the broker's memory and recovery time.
+    The materials and the summary are kept as one string each (see
+    ``pack_materials`` and ``pack_summary``) and unpacked when a view is made:
+    a million stored formulas then cost two million strings rather than
+    several million dicts, ``Material`` and ``Decimal`` objects, which was
+    most of the broker's memory and recovery time.
     """
 
     __slots__ = (
         "created_at",
         "deliveries",
-        "fingerprint",
+        "digest",
         "formula_id",
         "message_id",
         "name",
         "packed_materials",
         "processed_at",
         "seq",
-        "summary",
+        "summary_json",
     )
 
     def __init__(
@@ -55,22 +59,32 @@ class FormulaRecord:
         seq: int = 0,
         deliveries: int = 0,
         processed_at: float | None = None,
-        summary: Mapping[str, Any] | None = None,
+        summary_json: str | None = None,
     ) -> None:
         self.formula_id = formula_id
         self.name = name
         self.packed_materials = packed_materials
-        self.fingerprint = fingerprint
+        # The SHA-256 as its 32 bytes: half the size of the hex text, and the
+        # dedupe index's key.
+        self.digest = bytes.fromhex(fingerprint)
         self.message_id = message_id
         self.created_at = created_at
         self.seq = seq
         self.deliveries = deliveries
         self.processed_at = processed_at
-        self.summary = summary
+        self.summary_json = summary_json
+
+    @property
+    def fingerprint(self) -> str:
+        return self.digest.hex()
 
     @property
     def materials(self) -> tuple[Material, ...]:
         return unpack_materials(self.packed_materials)
+
+    @property
+    def summary(self) -> dict[str, Any] | None:
+        return None if self.summary_json is None else unpack_summary(self.summary_json)
 
 
 def pack_materials(materials: Iterable[Material]) -> str:
@@ -80,6 +94,23 @@ def pack_materials(materials: Iterable[Material]) -> str:
     canonical Decimal reads back as exactly that Decimal.
     """
     return "\t".join([part for m in materials for part in (m.name, str(m.concentration))])
+
+
+def pack_summary(summary: Mapping[str, Any]) -> str:
+    """A handler's summary as compact JSON; ``Decimal`` figures keep their exact digits.
+
+    Raises ``TypeError`` or ``ValueError`` for anything JSON cannot hold.
+    """
+    text: str = _SUMMARY_ENCODER.encode(dict(summary))
+    return text
+
+
+def unpack_summary(text: str) -> dict[str, Any]:
+    summary: dict[str, Any] = json.loads(text, parse_float=Decimal)
+    return summary
+
+
+_SUMMARY_ENCODER = simplejson.JSONEncoder(use_decimal=True, separators=(",", ":"), allow_nan=False)
 
 
 def unpack_materials(packed: str) -> tuple[Material, ...]:
@@ -96,7 +127,7 @@ class Page:
 class FormulaStore:
     def __init__(self) -> None:
         self._by_id: dict[str, FormulaRecord] = {}
-        self._by_fingerprint: dict[str, FormulaRecord] = {}
+        self._by_digest: dict[bytes, FormulaRecord] = {}
         self._order: list[FormulaRecord] = []
 
     def __len__(self) -> int:
@@ -109,16 +140,16 @@ class FormulaStore:
         return self._by_id.get(formula_id)
 
     def by_fingerprint(self, fingerprint: str) -> FormulaRecord | None:
-        return self._by_fingerprint.get(fingerprint)
+        return self._by_digest.get(bytes.fromhex(fingerprint))
 
     def add(self, record: FormulaRecord) -> None:
         """Store a new record; its id and fingerprint must both be new."""
-        if record.formula_id in self._by_id or record.fingerprint in self._by_fingerprint:
+        if record.formula_id in self._by_id or record.digest in self._by_digest:
             raise ValueError(f"formula {record.formula_id} is already stored")
         record.seq = len(self._order) + 1
         self._order.append(record)
         self._by_id[record.formula_id] = record
-        self._by_fingerprint[record.fingerprint] = record
+        self._by_digest[record.digest] = record
 
     def discard_last(self, record: FormulaRecord) -> None:
         """Undo the latest ``add`` (a submit that could not finish)."""
@@ -126,7 +157,7 @@ class FormulaStore:
             raise ValueError("only the latest record can be discarded")
         self._order.pop()
         del self._by_id[record.formula_id]
-        del self._by_fingerprint[record.fingerprint]
+        del self._by_digest[record.digest]
 
     def page(self, limit: int, cursor: str | None) -> Page:
         """Up to ``limit`` records, newest first, after ``cursor``."""

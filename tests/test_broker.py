@@ -12,6 +12,7 @@ from broker.errors import (
     FormulaNotFound,
     IdempotencyKeyReused,
     InvalidCursor,
+    InvalidSummary,
     QueueFull,
     StaleReceipt,
 )
@@ -183,3 +184,12 @@ def test_a_cursor_the_broker_did_not_hand_out_is_refused(broker, cursor) -> None
     broker.submit(ROSE)
     with pytest.raises(InvalidCursor):
         broker.list_formulas(10, cursor)
+
+
+def test_a_summary_json_cannot_hold_is_refused_and_records_nothing(broker) -> None:
+    formula = broker.submit(ROSE).formula
+    [delivery] = broker.receive("w", 1)
+    with pytest.raises(InvalidSummary):
+        broker.complete(delivery.receipt, {"when": object()})
+    assert broker.get_formula(formula.id).status == "queued"
+    assert broker.complete(delivery.receipt, {"ok": True})

@@ -17,6 +17,7 @@ EXAMPLES = [
     errors.QueueFull(10),
     errors.FormulaNotFound("nope"),
     errors.InvalidCursor("zzz"),
+    errors.InvalidSummary("NaN is not JSON"),
     errors.StaleReceipt("m.r"),
     errors.MessageNotFound("m"),
     errors.StorageFailed("disk full"),

@@ -119,6 +119,13 @@ class Consumer:
                     "%s: broker unavailable (%s); retrying in %.1fs", self.name, exc.reason, delay
                 )
                 self._stop.wait(delay)
+            except Exception:
+                # A bug must not kill the thread silently: the leases it held
+                # run out and the messages come back.
+                self._unavailable += 1
+                delay = self.backoff.delay(self._unavailable, self._rng)
+                log.exception("%s: unexpected error; carrying on in %.1fs", self.name, delay)
+                self._stop.wait(delay)
         self.release_all()
 
     def run_once(self, now: float | None = None) -> int:
