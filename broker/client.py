@@ -20,7 +20,7 @@ import contextlib
 import logging
 import os
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from multiprocessing import AuthenticationError
 from typing import Any, TypeVar
 
@@ -69,6 +69,9 @@ class BrokerClient:
     def get_formula(self, formula_id: str) -> FormulaView:
         return self._call(lambda b: b.get_formula(formula_id), idempotent=True)
 
+    def get_formulas(self, formula_ids: Sequence[str]) -> list[FormulaView | None]:
+        return self._call(lambda b: b.get_formulas(formula_ids), idempotent=True)
+
     def list_formulas(self, limit: int, cursor: str | None = None) -> FormulaPage:
         return self._call(lambda b: b.list_formulas(limit, cursor), idempotent=True)
 
@@ -91,6 +94,9 @@ class BrokerClient:
 
     def complete(self, receipt: str, summary: Mapping[str, Any]) -> bool:
         return self._call(lambda b: b.complete(receipt, summary), idempotent=False)
+
+    def complete_many(self, results: Sequence[tuple[str, Mapping[str, Any]]]) -> list[str]:
+        return self._call(lambda b: b.complete_many(results), idempotent=False)
 
     def ack(self, receipt: str) -> bool:
         return self._call(lambda b: b.ack(receipt), idempotent=False)

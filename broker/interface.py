@@ -13,7 +13,7 @@ state.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -35,6 +35,12 @@ __all__ = [
 QUEUED = "queued"
 PROCESSED = "processed"
 FAILED = "failed"
+
+# What complete_many says of each (receipt, summary) it was given.
+COMPLETED = "completed"  # result recorded (or already there), message acked
+ALREADY_ACKED = "already_acked"  # the message was acked before: nothing changed
+STALE = "stale"  # the lease is no longer this receipt's: nothing changed
+INVALID_SUMMARY = "invalid_summary"  # JSON cannot hold the summary: nothing changed
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,11 +160,22 @@ class ConsumerBroker(Protocol):
 
     def get_formula(self, formula_id: str) -> FormulaView: ...
 
+    def get_formulas(self, formula_ids: Sequence[str]) -> list[FormulaView | None]:
+        """Several at once (one round trip for a batch); None for an unknown id."""
+
     def complete(self, receipt: str, summary: Mapping[str, Any]) -> bool:
         """Record the handler's result (first one wins) and ack, as one step.
 
         False if the message was already acked; ``StaleReceipt`` (nothing
-        recorded) if the lease is no longer this receipt's.
+        recorded) if the lease is no longer this receipt's; ``InvalidSummary``
+        if JSON cannot hold the summary.
+        """
+
+    def complete_many(self, results: Sequence[tuple[str, Mapping[str, Any]]]) -> list[str]:
+        """``complete`` for a batch, in one step and one journal write.
+
+        One outcome per item, in order: ``COMPLETED``, ``ALREADY_ACKED``,
+        ``STALE`` or ``INVALID_SUMMARY`` (the last three change nothing).
         """
 
     def ack(self, receipt: str) -> bool: ...

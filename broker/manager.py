@@ -13,7 +13,7 @@ import logging
 import os
 import secrets
 import socket
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from multiprocessing.managers import BaseManager, BaseProxy, Server
 from pathlib import Path
 from typing import Any
@@ -108,6 +108,10 @@ class BrokerProxy(BaseProxy):
         result: FormulaView = self._remote("get_formula", formula_id)
         return result
 
+    def get_formulas(self, formula_ids: Sequence[str]) -> list[FormulaView | None]:
+        result: list[FormulaView | None] = self._remote("get_formulas", list(formula_ids))
+        return result
+
     def list_formulas(self, limit: int, cursor: str | None = None) -> FormulaPage:
         result: FormulaPage = self._remote("list_formulas", limit, cursor)
         return result
@@ -130,6 +134,12 @@ class BrokerProxy(BaseProxy):
 
     def complete(self, receipt: str, summary: Mapping[str, Any]) -> bool:
         return bool(self._remote("complete", receipt, dict(summary)))
+
+    def complete_many(self, results: Sequence[tuple[str, Mapping[str, Any]]]) -> list[str]:
+        result: list[str] = self._remote(
+            "complete_many", [(receipt, dict(summary)) for receipt, summary in results]
+        )
+        return result
 
     def ack(self, receipt: str) -> bool:
         return bool(self._remote("ack", receipt))

@@ -28,7 +28,7 @@ import logging
 import secrets
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -39,14 +39,19 @@ from broker.errors import (
     InvalidSummary,
     MessageNotFound,
     QueueFull,
+    StaleReceipt,
     StorageFailed,
 )
 from broker.formula import FormulaDraft
 from broker.idempotency import IdempotencyKeys, Remembered
 from broker.interface import (
+    ALREADY_ACKED,
+    COMPLETED,
     FAILED,
+    INVALID_SUMMARY,
     PROCESSED,
     QUEUED,
+    STALE,
     BrokerStats,
     Delivery,
     FormulaPage,
@@ -80,10 +85,12 @@ EXPOSED = (
     "ping",
     "submit",
     "get_formula",
+    "get_formulas",
     "list_formulas",
     "stats",
     "receive",
     "complete",
+    "complete_many",
     "ack",
     "nack",
     "extend",
@@ -293,6 +300,11 @@ class Broker:
                 raise FormulaNotFound(formula_id)
             return self._view(record)
 
+    def get_formulas(self, formula_ids: Sequence[str]) -> list[FormulaView | None]:
+        with self._lock:
+            records = [self._store.get(formula_id) for formula_id in formula_ids]
+            return [None if r is None else self._view(r) for r in records]
+
     def list_formulas(self, limit: int, cursor: str | None = None) -> FormulaPage:
         if not 1 <= limit <= MAX_PAGE:
             raise ValueError(f"limit must be between 1 and {MAX_PAGE}")
@@ -362,30 +374,60 @@ class Broker:
                 self._lock.wait(max(timeout, 0.0))
 
     def complete(self, receipt: str, summary: Mapping[str, Any]) -> bool:
+        [outcome] = self.complete_many([(receipt, summary)])
+        if outcome == STALE:
+            raise StaleReceipt(receipt)
+        if outcome == INVALID_SUMMARY:
+            raise InvalidSummary("JSON cannot hold this summary")
+        return outcome == COMPLETED
+
+    def complete_many(self, results: Sequence[tuple[str, Mapping[str, Any]]]) -> list[str]:
+        """Check every lease, journal every result and ack in one write, then apply."""
         with self._lock:
-            lease = self._queue.lease(receipt)
-            if lease is None:
-                return False
-            record = self._store.get(lease.formula_id)
-            first = record is not None and record.processed_at is None
-            processed_at = self._wall_clock()
-            try:
-                summary_json = pack_summary(summary)
-            except (TypeError, ValueError) as exc:
-                raise InvalidSummary(f"{type(exc).__name__}: {exc}") from None
-            if first:
-                self._write(
-                    [RecordResult(lease.formula_id, lease.message_id, processed_at, summary_json)]
-                )
-            else:
-                self._write([DeleteMessage(lease.message_id)])
-            self._queue.ack(receipt)
-            if first and record is not None:
-                record.processed_at = processed_at
-                record.summary_json = summary_json
-                self._processed += 1
+            outcomes: list[str] = []
+            changes: list[Change] = []
+            applies: list[tuple[str, FormulaRecord | None, str]] = []
+            now = self._wall_clock()
+            seen: set[str] = set()
+            for receipt, summary in results:
+                outcome, lease = self._check_lease(receipt, seen)
+                if lease is not None:
+                    try:
+                        summary_json = pack_summary(summary)
+                    except (TypeError, ValueError):
+                        outcome = INVALID_SUMMARY
+                    else:
+                        record = self._store.get(lease.formula_id)
+                        if record is not None and record.processed_at is None:
+                            changes.append(
+                                RecordResult(record.formula_id, lease.message_id, now, summary_json)
+                            )
+                            record_to_mark = record
+                        else:
+                            changes.append(DeleteMessage(lease.message_id))
+                            record_to_mark = None
+                        applies.append((receipt, record_to_mark, summary_json))
+                        seen.add(lease.message_id)
+                outcomes.append(outcome)
+            if changes:
+                self._write(changes)
+            for receipt, record, summary_json in applies:
+                self._queue.ack(receipt)
+                if record is not None:
+                    record.processed_at = now
+                    record.summary_json = summary_json
+                    self._processed += 1
             self._settle_events()
-            return True
+            return outcomes
+
+    def _check_lease(self, receipt: str, seen: set[str]) -> tuple[str, MessageInfo | None]:
+        try:
+            lease = self._queue.lease(receipt)
+        except StaleReceipt:
+            return STALE, None
+        if lease is None or lease.message_id in seen:
+            return ALREADY_ACKED, None
+        return COMPLETED, lease
 
     def ack(self, receipt: str) -> bool:
         with self._lock:

@@ -193,3 +193,13 @@ def test_a_summary_json_cannot_hold_is_refused_and_records_nothing(broker) -> No
         broker.complete(delivery.receipt, {"when": object()})
     assert broker.get_formula(formula.id).status == "queued"
     assert broker.complete(delivery.receipt, {"ok": True})
+
+
+def test_a_batch_with_a_summary_json_cannot_hold_records_the_others(broker) -> None:
+    a = broker.submit(ROSE).formula
+    b = broker.submit(draft(("Oud", "1"))).formula
+    got = broker.receive("w", 2)
+    outcomes = broker.complete_many([(got[0].receipt, {"x": object()}), (got[1].receipt, {})])
+    assert outcomes == ["invalid_summary", "completed"]
+    assert broker.get_formula(a.id).status == "queued"
+    assert broker.get_formula(b.id).status == "processed"

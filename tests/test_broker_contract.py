@@ -162,3 +162,27 @@ def test_expired_leases_redeliver_first_then_dead_letter_and_redrive(remote, clo
     assert [d.formula_id for d in got] == [second.id, first.id]
     assert remote.redrive_all() == 0
     assert remote.message_info(first.message_id).state == "in_flight"
+
+
+def test_a_batch_is_read_and_completed_in_one_call_each(remote, clock) -> None:
+    first = remote.submit(ROSE).formula
+    second = remote.submit(draft("Other", ("Vetiver", "3"))).formula
+    got = remote.receive("w1", 10, None, 0)
+    views = remote.get_formulas([d.formula_id for d in got] + ["nope"])
+    assert [v.id if v else None for v in views] == [first.id, second.id, None]
+    assert remote.receive("w1", 1, None, 0) == []
+    remote.extend(got[0].receipt, 60)
+    clock.advance(31)  # second's lease runs out and goes to w2
+    [again] = remote.receive("w2", 10, None, 0)
+    outcomes = remote.complete_many(
+        [
+            (got[0].receipt, {"n": Decimal("1.5")}),
+            (got[0].receipt, {"n": 2}),  # the same message twice in one batch
+            (got[1].receipt, {"n": 3}),  # stale: w2 holds it now
+            (again.receipt, {"n": Decimal("4")}),
+        ]
+    )
+    assert outcomes == ["completed", "already_acked", "stale", "completed"]
+    assert remote.get_formula(first.id).summary == {"n": Decimal("1.5")}
+    assert remote.get_formula(second.id).summary == {"n": Decimal("4")}
+    assert remote.stats().processed == 2

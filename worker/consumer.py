@@ -18,12 +18,19 @@ import logging
 import random
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import partial
+from typing import Any
 
 from broker.errors import BrokerUnavailable, FormularyError, StaleReceipt
-from broker.interface import ConsumerBroker, Delivery
+from broker.interface import (
+    INVALID_SUMMARY,
+    STALE,
+    ConsumerBroker,
+    Delivery,
+    FormulaView,
+)
 from worker.handlers import Handler
 
 log = logging.getLogger(__name__)
@@ -129,33 +136,46 @@ class Consumer:
         self.release_all()
 
     def run_once(self, now: float | None = None) -> int:
-        """Receive one batch and handle it; returns how many messages were handled."""
+        """Receive one batch and handle it; returns how many messages the handler ran on.
+
+        Three round trips a batch, not two a message: the formulas are read
+        together, and the results are recorded and acked together (one
+        journal write) once the batch is done or the consumer is stopping.
+        """
         if self._stop.is_set():
             return 0
         deliveries = self.broker.receive(
             self.name, self.batch_size, self.visibility_timeout, self.wait_seconds
         )
+        if not deliveries:
+            return 0
         received_at = self._clock() if now is None else now
         for delivery in deliveries:
             self.held.add(delivery.receipt, received_at)
+        done: list[tuple[Delivery, Mapping[str, Any]]] = []
         handled = 0
         try:
-            for delivery in deliveries:
+            formulas = self.broker.get_formulas([d.formula_id for d in deliveries])
+            for delivery, formula in zip(deliveries, formulas, strict=True):
                 if self._stop.is_set():
                     break
-                self.handle(delivery)
+                summary = self.handle(delivery, formula)
                 handled += 1
+                if summary is not None:
+                    done.append((delivery, summary))
         finally:
-            self.release_all()
+            try:
+                self.complete(done)
+            finally:
+                self.release_all()
         return handled
 
-    def handle(self, delivery: Delivery) -> None:
-        """Run the handler on one message, then complete it, or nack it for a retry."""
+    def handle(self, delivery: Delivery, formula: FormulaView | None) -> Mapping[str, Any] | None:
+        """The handler's summary for one message; on failure, nack it for a retry."""
         try:
-            formula = self.broker.get_formula(delivery.formula_id)
-            summary = self.handler(formula)
-        except BrokerUnavailable:
-            raise
+            if formula is None:
+                raise LookupError(f"formula {delivery.formula_id} is not stored")
+            return self.handler(formula)
         except Exception:
             delay = self.backoff.delay(delivery.delivery, self._rng)
             log.exception(
@@ -166,8 +186,31 @@ class Consumer:
                 delay,
             )
             self._settle(delivery.receipt, lambda: self.broker.nack(delivery.receipt, delay))
+            return None
+
+    def complete(self, done: list[tuple[Delivery, Mapping[str, Any]]]) -> None:
+        """Record and ack a batch's results in one call."""
+        if not done:
             return
-        self._settle(delivery.receipt, lambda: self.broker.complete(delivery.receipt, summary))
+        try:
+            outcomes = self.broker.complete_many([(d.receipt, summary) for d, summary in done])
+        finally:
+            for delivery, _ in done:
+                self.held.remove(delivery.receipt)
+        for (delivery, _), outcome in zip(done, outcomes, strict=True):
+            if outcome == STALE:
+                log.warning(
+                    "%s: the lease on %s ran out before its result was recorded",
+                    self.name,
+                    delivery.message_id,
+                )
+            elif outcome == INVALID_SUMMARY:
+                log.error(
+                    "%s: the handler's summary for %s cannot be stored as JSON; "
+                    "the message will be retried",
+                    self.name,
+                    delivery.message_id,
+                )
 
     def release_all(self) -> None:
         """Hand back every message still held, for another consumer to take at once.
