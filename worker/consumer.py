@@ -1,7 +1,7 @@
 """The consume loop: receive a batch, run the handler on each message, complete or nack.
 
 ``Consumer.run_once()`` is one turn of the loop, so tests drive it step by
-step; ``Consumer.run(stop)`` turns it until ``stop`` is set. ``Heartbeat``
+step; ``Consumer.run()`` turns it until ``stop()`` is called. ``Heartbeat``
 extends the leases of the messages a consumer holds while a slow handler
 runs, so a healthy worker never loses its lease.
 
