@@ -58,6 +58,10 @@ class FormulaView:
     processed_at: str | None
     summary: Mapping[str, Any] | None
 
+    def __reduce__(self) -> tuple[type[FormulaView], tuple[Any, ...]]:
+        # Pickled on every read and submit: as a call, not slots state (faster).
+        return (FormulaView, tuple([getattr(self, name) for name in self.__slots__]))
+
     def as_data(self) -> dict[str, Any]:
         """Plain data for a JSON document (concentrations and figures stay ``Decimal``)."""
         return {

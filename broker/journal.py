@@ -568,23 +568,13 @@ def _load_formulas(conn: sqlite3.Connection) -> tuple[list[FormulaRecord], dict[
     fingerprints: dict[str, str] = {}
     cursor = conn.execute(
         "SELECT id, name, materials, fingerprint, message_id, created_at,"
-        " seq, deliveries, processed_at, summary FROM formulas ORDER BY seq"
+        " deliveries, processed_at, summary FROM formulas ORDER BY seq"
     )
     for row in cursor:
         fingerprints[row[0]] = row[3]
         append(
-            FormulaRecord(
-                row[0],
-                row[1],
-                row[2],
-                row[3],
-                row[4],
-                row[5],
-                row[6],
-                row[7],
-                row[8],
-                row[9],
-            )
+            # The columns are FormulaRecord's parameters, in order.
+            FormulaRecord(*row)
         )
     return formulas, fingerprints
 

@@ -42,7 +42,7 @@ from broker.errors import (
     StaleReceipt,
     StorageFailed,
 )
-from broker.formula import FormulaDraft
+from broker.formula import FormulaDraft, Material
 from broker.idempotency import IdempotencyKeys, Remembered
 from broker.interface import (
     ALREADY_ACKED,
@@ -228,7 +228,7 @@ class Broker:
                 message_id=self._new_id(),
                 created_at=now,
             )
-            submission = Submission(self._view(record))
+            submission = Submission(self._view(record, draft.materials))
             self._store_and_publish(record, submission, idempotency, now)
             self._submitted += 1
             self._lock.notify()
@@ -507,11 +507,14 @@ class Broker:
             return FAILED
         return QUEUED
 
-    def _view(self, record: FormulaRecord) -> FormulaView:
+    def _view(
+        self, record: FormulaRecord, materials: tuple[Material, ...] | None = None
+    ) -> FormulaView:
+        """The client's view; ``materials`` saves unpacking what the caller has at hand."""
         return FormulaView(
             id=record.formula_id,
             name=record.name,
-            materials=record.materials,
+            materials=record.materials if materials is None else materials,
             fingerprint=record.fingerprint,
             message_id=record.message_id,
             created_at=rfc3339(record.created_at),

@@ -44,7 +44,6 @@ class FormulaRecord:
         "name",
         "packed_materials",
         "processed_at",
-        "seq",
         "summary_json",
     )
 
@@ -56,7 +55,6 @@ class FormulaRecord:
         fingerprint: str,
         message_id: str,
         created_at: float,
-        seq: int = 0,
         deliveries: int = 0,
         processed_at: float | None = None,
         summary_json: str | None = None,
@@ -69,7 +67,6 @@ class FormulaRecord:
         self.digest = bytes.fromhex(fingerprint)
         self.message_id = message_id
         self.created_at = created_at
-        self.seq = seq
         self.deliveries = deliveries
         self.processed_at = processed_at
         self.summary_json = summary_json
@@ -146,7 +143,6 @@ class FormulaStore:
         """Store a new record; its id and fingerprint must both be new."""
         if record.formula_id in self._by_id or record.digest in self._by_digest:
             raise ValueError(f"formula {record.formula_id} is already stored")
-        record.seq = len(self._order) + 1
         self._order.append(record)
         self._by_id[record.formula_id] = record
         self._by_digest[record.digest] = record
@@ -164,7 +160,9 @@ class FormulaStore:
         end = len(self._order) if cursor is None else self._decode(cursor) - 1
         start = max(0, end - limit)
         records = tuple(reversed(self._order[start:end]))
-        next_cursor = _encode(records[-1].seq) if start > 0 and records else None
+        # A cursor is the 1-based position of the last record returned: the
+        # list's order is the store's order, so no record has to carry it.
+        next_cursor = _encode(start + 1) if start > 0 and records else None
         return Page(records, next_cursor)
 
     def _decode(self, cursor: str) -> int:
