@@ -1,4 +1,4 @@
-"""Idempotency keys: the first answer to a key, kept for a while.
+"""Idempotency keys: the first answer to a key, kept for a while, and its stored form.
 
 Every key lives for the same ``ttl``, so keys expire in the order they were
 recorded: a deque in that order lets ``expire`` drop the old ones from the
@@ -7,11 +7,17 @@ front in O(expired), never scanning the live keys. ``get`` and ``put`` are O(1).
 
 from __future__ import annotations
 
+import json
 from collections import deque
 from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any
+
+import simplejson
 
 from broker.errors import DuplicateFormula
-from broker.interface import Submission
+from broker.formula import Material
+from broker.interface import FormulaView, Submission
 
 Outcome = Submission | DuplicateFormula
 
@@ -62,3 +68,65 @@ class IdempotencyKeys:
                 del self._by_key[old.key]
             dropped += 1
         return dropped
+
+
+# -- the journal's form of an answer ------------------------------------------------
+
+_ENCODER = simplejson.JSONEncoder(use_decimal=True, separators=(",", ":"))
+
+
+def encode_outcome(outcome: Outcome) -> str:
+    """An answer as JSON text, exact decimals included, for the journal."""
+    document: dict[str, Any]
+    if isinstance(outcome, DuplicateFormula):
+        document = {
+            "kind": "duplicate",
+            "existing_id": outcome.existing_id,
+            "fingerprint": outcome.fingerprint,
+            "replayed": outcome.replayed,
+        }
+    else:
+        view = outcome.formula
+        document = {
+            "kind": "submission",
+            "replayed": outcome.replayed,
+            "formula": {
+                "id": view.id,
+                "name": view.name,
+                "materials": [[m.name, str(m.concentration)] for m in view.materials],
+                "fingerprint": view.fingerprint,
+                "message_id": view.message_id,
+                "created_at": view.created_at,
+                "status": view.status,
+                "deliveries": view.deliveries,
+                "processed_at": view.processed_at,
+                "summary": view.summary,
+            },
+        }
+    text: str = _ENCODER.encode(document)
+    return text
+
+
+def decode_outcome(text: str) -> Outcome:
+    """The answer ``encode_outcome`` wrote, equal to the original field by field."""
+    document = json.loads(text, parse_float=Decimal)
+    if document["kind"] == "duplicate":
+        return DuplicateFormula(
+            document["existing_id"], document["fingerprint"], document["replayed"]
+        )
+    view = document["formula"]
+    return Submission(
+        FormulaView(
+            id=view["id"],
+            name=view["name"],
+            materials=tuple(Material(name, Decimal(c)) for name, c in view["materials"]),
+            fingerprint=view["fingerprint"],
+            message_id=view["message_id"],
+            created_at=view["created_at"],
+            status=view["status"],
+            deliveries=view["deliveries"],
+            processed_at=view["processed_at"],
+            summary=view["summary"],
+        ),
+        replayed=document["replayed"],
+    )

@@ -40,22 +40,15 @@ from __future__ import annotations
 
 import gc
 import itertools
-import json
 import logging
 import os
 import sqlite3
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from decimal import Decimal
 from pathlib import Path
 from typing import Any, Final, NamedTuple, Protocol
 
-import simplejson
-
-from broker.errors import DuplicateFormula
-from broker.formula import Material
-from broker.idempotency import Outcome, Remembered
-from broker.interface import FormulaView, Submission
+from broker.idempotency import Remembered, decode_outcome, encode_outcome
 from broker.store import FormulaRecord
 
 log = logging.getLogger(__name__)
@@ -303,77 +296,6 @@ _REDRIVE = (
 _FORGET_KEYS = "DELETE FROM keys WHERE expires_at <= ?"
 
 
-# -- encoding --------------------------------------------------------------------
-
-
-_json_encoder = simplejson.JSONEncoder(use_decimal=True, separators=(",", ":"))
-
-
-def _json_text(value: Any) -> str:
-    """JSON with every Decimal written as its exact digits (never through a float)."""
-    return str(_json_encoder.encode(value))
-
-
-# What simplejson's use_decimal=True reads (floats as Decimal, integers as int),
-# through the stdlib's C scanner, which is a fifth faster per call.
-_read_json: Callable[[str], Any] = json.JSONDecoder(parse_float=Decimal).decode
-
-
-def _outcome_text(outcome: Outcome) -> str:
-    if isinstance(outcome, DuplicateFormula):
-        return _json_text(
-            {
-                "kind": "duplicate",
-                "existing_id": outcome.existing_id,
-                "fingerprint": outcome.fingerprint,
-                "replayed": outcome.replayed,
-            }
-        )
-    view = outcome.formula
-    return _json_text(
-        {
-            "kind": "submission",
-            "replayed": outcome.replayed,
-            "formula": {
-                "id": view.id,
-                "name": view.name,
-                "materials": [[m.name, str(m.concentration)] for m in view.materials],
-                "fingerprint": view.fingerprint,
-                "message_id": view.message_id,
-                "created_at": view.created_at,
-                "status": view.status,
-                "deliveries": view.deliveries,
-                "processed_at": view.processed_at,
-                "summary": view.summary,
-            },
-        }
-    )
-
-
-def _read_outcome(text: str) -> Outcome:
-    document = _read_json(text)
-    if document["kind"] == "duplicate":
-        return DuplicateFormula(
-            document["existing_id"], document["fingerprint"], document["replayed"]
-        )
-    view = document["formula"]
-    return Submission(
-        FormulaView(
-            id=view["id"],
-            name=view["name"],
-            materials=tuple(Material(name, Decimal(c)) for name, c in view["materials"]),
-            fingerprint=view["fingerprint"],
-            message_id=view["message_id"],
-            created_at=view["created_at"],
-            status=view["status"],
-            deliveries=view["deliveries"],
-            processed_at=view["processed_at"],
-            summary=view["summary"],
-        ),
-        replayed=document["replayed"],
-    )
-
-
 # -- the SQLite journal ---------------------------------------------------------------
 
 
@@ -539,7 +461,7 @@ class SqliteJournal:
             formulas, fingerprints = _load_formulas(conn)
             messages = _load_messages(conn, fingerprints)
             keys = [
-                Remembered(key, digest, _read_outcome(outcome), expires_at)
+                Remembered(key, digest, decode_outcome(outcome), expires_at)
                 for key, digest, expires_at, outcome in conn.execute(
                     "SELECT key, body_digest, expires_at, outcome FROM keys ORDER BY seq"
                 )
@@ -638,7 +560,7 @@ def _plan_store(run: list[Any]) -> list[_Step]:
 
 def _plan_remember(run: list[Any]) -> list[_Step]:
     keys: list[Remembered] = [change.remembered for change in run]
-    rows = [(k.key, k.body_digest, k.expires_at, _outcome_text(k.outcome)) for k in keys]
+    rows = [(k.key, k.body_digest, k.expires_at, encode_outcome(k.outcome)) for k in keys]
     return [(_INSERT_KEY, rows)]
 
 
