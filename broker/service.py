@@ -29,6 +29,7 @@ import secrets
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -473,12 +474,20 @@ class Broker:
             return count
 
     def message_info(self, message_id: str) -> MessageInfo:
+        """The message's state; its ``visible_at`` in wall-clock epoch seconds.
+
+        The queue keeps deadlines on the monotonic clock, which means nothing
+        outside this process; operators get the moment it stands for.
+        """
         with self._lock:
             info = self._queue.info(message_id)
             self._settle_events()
             if info is None:
                 raise MessageNotFound(message_id)
-            return info
+            if info.visible_at is None:
+                return info
+            wall = self._wall_clock() + (info.visible_at - self._clock())
+            return replace(info, visible_at=wall)
 
     # -- internals ---------------------------------------------------------------
 

@@ -531,3 +531,15 @@ def test_the_cli_exits_2_when_nothing_listens_on_the_socket(directory: Path) -> 
     done = admin_cli("ping", "--socket", str(missing))
     assert done.returncode == 2
     assert f"cannot reach the admin socket at {missing}: is the broker running?" in done.stderr
+
+
+def test_show_gives_a_leased_message_its_deadline_as_a_wall_clock_time() -> None:
+    # Monotonic 100 s is wall-clock 2026-11-18T11:06:40Z; the lease is 30 s.
+    broker = Broker(clock=lambda: 100.0, wall_clock=lambda: 1_795_000_000.0)
+    formula = broker.submit(
+        parse_formula(b'{"name": "x", "materials": [{"name": "Oud", "concentration": 1}]}')
+    ).formula
+    broker.receive("w", 1, 30)
+    reply = AdminCommands(broker).dispatch(f"show {formula.id}")
+    assert reply["message"]["state"] == "in_flight"
+    assert reply["message"]["visible_at"] == "2026-11-18T11:07:10.000Z"

@@ -21,6 +21,7 @@ from typing import Any, Final, Protocol
 from broker.admin.protocol import ProtocolError, Reply, error_reply, ok_reply, parse_command
 from broker.errors import FormulaNotFound, FormularyError, MessageNotFound
 from broker.interface import BrokerStats, FormulaView, MessageInfo
+from broker.service import rfc3339
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +111,7 @@ class AdminCommands:
             info = self._message(formula.message_id)
         return ok_reply(
             formula=formula_data(formula),
-            message=None if info is None else asdict(info),
+            message=None if info is None else message_data(info),
         )
 
     def dead(self, count: str = str(DEFAULT_DEAD)) -> Reply:
@@ -144,6 +145,14 @@ class AdminCommands:
             return self._broker.message_info(message_id)
         except MessageNotFound:
             return None  # acked: the message is gone for good
+
+
+def message_data(info: MessageInfo) -> dict[str, Any]:
+    """A message as plain data; ``visible_at`` (epoch seconds) as an RFC 3339 time."""
+    data = asdict(info)
+    if info.visible_at is not None:
+        data["visible_at"] = rfc3339(info.visible_at)
+    return data
 
 
 def formula_data(formula: FormulaView) -> dict[str, Any]:
