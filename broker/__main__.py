@@ -103,8 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit:
         pass
     finally:
-        if not settings.uses_tcp:
-            Path(settings.broker_address).unlink(missing_ok=True)
+        # Closing the listener also removes its Unix socket file.
+        server.listener.close()  # type: ignore[attr-defined]
         admin.close()
         broker.close()
         log.info("broker stopped")
