@@ -93,3 +93,24 @@ def test_sigterm_lets_the_handler_finish_and_ack_then_exits_0() -> None:
         assert view.status == "processed" and view.deliveries == 1
         stats = client.stats()
         assert (stats.acked, stats.redelivered, stats.in_flight, stats.depth) == (1, 0, 0, 0)
+
+
+def test_a_handler_still_running_past_the_grace_period_is_released_and_the_worker_exits_0() -> None:
+    with running_stack() as stack:  # leases of 30 s: only a release brings it back sooner
+        gate = stack.env.directory / "gate"
+        gate.mkdir()
+        stuck = stack.start_worker(
+            "--grace", "1", FORMULARY_HANDLER="tests.handlers:gated", FORMULARY_TEST_GATE=str(gate)
+        )
+        created = stack.http.post_json("/formulas", formula("stuck")).json()
+        wait_for(lambda: (gate / f"started-{created['id']}").exists(), what="the handler to start")
+        stuck.signal(signal.SIGTERM)
+        assert stuck.wait(30) == 0
+        stack.start_worker()
+        client = stack.client()
+        wait_for(
+            lambda: client.get_formula(created["id"]).status == "processed",
+            timeout=15,
+            what="the released message to be processed well before its lease ran out",
+        )
+        assert client.get_formula(created["id"]).deliveries == 2
