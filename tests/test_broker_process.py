@@ -8,9 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import broker_process, environment, wait_for_broker
+from broker.client import BrokerClient
+from broker.formula import parse_formula
+from tests.support import broker_process, environment, free_port, wait_for_broker
 
 pytestmark = pytest.mark.processes
+
+ROSE = parse_formula(b'{"name": "Rose", "materials": [{"name": "Rose", "concentration": 5}]}')
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
@@ -40,3 +44,16 @@ def test_a_second_broker_on_the_same_address_is_refused() -> None:
             assert first.alive()
         finally:
             first.stop()
+
+
+def test_the_broker_serves_tcp_on_request() -> None:
+    with environment() as env:
+        env.extra["FORMULARY_BROKER_ADDRESS"] = f"127.0.0.1:{free_port()}"
+        broker = broker_process(env).start()
+        try:
+            wait_for_broker(env, broker)
+            client = BrokerClient(env.settings())
+            assert client.submit(ROSE).formula.name == "Rose"
+            assert client.stats().formulas == 1
+        finally:
+            assert broker.stop() == 0
