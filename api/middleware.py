@@ -12,6 +12,7 @@ their number of series stays bounded whatever clients send.
 from __future__ import annotations
 
 import logging
+import re
 import time
 import uuid
 from typing import Any
@@ -80,8 +81,16 @@ def logfmt(fields: dict[str, Any]) -> str:
     return " ".join(f"{key}={_logfmt_value(value)}" for key, value in fields.items())
 
 
+# Printable ASCII but space, '"', '=' and '\\': written as it is (the usual case).
+_PLAIN = re.compile(r"[!#-<>-\[\]-~]+")
+
+
 def _logfmt_value(value: Any) -> str:
+    if isinstance(value, int | float):
+        return str(value)
     text = str(value)
+    if _PLAIN.fullmatch(text):
+        return text
     if text and text.isprintable() and not any(ch in text for ch in ' "=\\'):
         return text
     escaped = text.replace("\\", "\\\\").replace('"', '\\"')
