@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import signal
+import socket
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -114,3 +116,43 @@ def test_a_handler_still_running_past_the_grace_period_is_released_and_the_worke
             what="the released message to be processed well before its lease ran out",
         )
         assert client.get_formula(created["id"]).deliveries == 2
+
+
+def test_operators_find_and_redrive_dead_letters_over_the_real_brokers_admin_socket() -> None:
+    with running_stack(FORMULARY_MAX_DELIVERIES="1") as stack:
+        failing = stack.start_worker(*FAST_RETRIES, FORMULARY_HANDLER="tests.handlers:failing")
+        created = stack.http.post_json("/formulas", formula("for-operators")).json()
+        client = stack.client()
+        wait_for(lambda: client.get_formula(created["id"]).status == "failed", what="dead letter")
+        assert failing.stop() == 0
+
+        commands = [
+            "ping",
+            "stats",
+            f"show {created['id']}",
+            "dead 5",
+            "help",
+            "bogus",
+            "dead zero",
+            "redrive nope",
+            "redrive all",
+        ]
+        with socket.socket(socket.AF_UNIX) as admin:
+            admin.settimeout(30)
+            admin.connect(stack.env.admin_socket)
+            admin.sendall("".join(f"{c}\n" for c in commands).encode())
+            lines = admin.makefile("rb")
+            replies = {c: json.loads(lines.readline()) for c in commands}
+
+        assert replies["ping"] == {"ok": True, "pong": True}
+        assert replies["stats"]["ok"] and replies["stats"]["dead"] == 1
+        shown = replies[f"show {created['id']}"]
+        assert shown["formula"]["status"] == "failed" and shown["message"]["state"] == "dead"
+        assert [d["message_id"] for d in replies["dead 5"]["dead"]] == [created["message_id"]]
+        assert set(replies["help"]["commands"]) >= {"ping", "stats", "show", "dead", "redrive"}
+        for bad in ("bogus", "dead zero", "redrive nope"):
+            assert replies[bad]["ok"] is False and replies[bad]["error"]
+        assert replies["redrive all"] == {"ok": True, "redriven": 1}
+
+        stack.start_worker()
+        wait_for(lambda: client.get_formula(created["id"]).status == "processed", what="redrive")
