@@ -7,7 +7,7 @@ import hashlib
 import falcon
 
 from api.problems import Problem, invalid
-from api.representation import dumps, formula_document, formula_location
+from api.representation import dumps, formula_location
 from broker.errors import FieldError
 from broker.formula import MAX_BODY_BYTES, canonical_json, parse_json, validate_formula
 from broker.interface import IdempotencyKey, SubmissionBroker
@@ -40,7 +40,7 @@ class FormulasResource:
         if submission.replayed:
             resp.set_header("Idempotent-Replayed", "true")
         resp.content_type = falcon.MEDIA_JSON
-        resp.data = dumps(formula_document(submission.formula))
+        resp.data = dumps(submission.formula.as_data())
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
         limit = page_limit(req)
@@ -51,9 +51,7 @@ class FormulasResource:
             raise invalid([FieldError("cursor", "is not a cursor this server handed out")])
         page = self._broker.list_formulas(limit, cursor)
         resp.content_type = falcon.MEDIA_JSON
-        resp.data = dumps(
-            {"items": [formula_document(f) for f in page.items], "next": page.next_cursor}
-        )
+        resp.data = dumps({"items": [f.as_data() for f in page.items], "next": page.next_cursor})
 
 
 class FormulaResource:
@@ -63,7 +61,7 @@ class FormulaResource:
     def on_get(self, req: falcon.Request, resp: falcon.Response, formula_id: str) -> None:
         formula = self._broker.get_formula(formula_id)
         resp.content_type = falcon.MEDIA_JSON
-        resp.data = dumps(formula_document(formula))
+        resp.data = dumps(formula.as_data())
 
 
 def require_json(req: falcon.Request) -> None:

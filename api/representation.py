@@ -13,8 +13,6 @@ from typing import Any
 
 import simplejson
 
-from broker.interface import FormulaView
-
 _ENCODER = simplejson.JSONEncoder(
     use_decimal=True, ensure_ascii=False, separators=(",", ":"), allow_nan=False
 )
@@ -24,10 +22,6 @@ def dumps(document: Any) -> bytes:
     """Compact JSON, UTF-8, exact decimals."""
     text: str = _ENCODER.encode(document)
     return text.encode("utf-8")
-
-
-def formula_document(formula: FormulaView) -> dict[str, Any]:
-    return formula.as_data()
 
 
 def formula_location(formula_id: str) -> str:

@@ -414,8 +414,8 @@ class SqliteJournal:
         """Apply ``changes`` in order, in one transaction.
 
         Raises JournalError (with the cause attached) and changes nothing if
-        any change cannot be applied: a formula id stored twice, a summary
-        that is not JSON, a full disk. Each run of changes of one kind is one
+        any change cannot be applied: a formula id stored twice, a string
+        SQLite cannot hold, a full disk. Each run of changes of one kind is one
         ``executemany`` per table.
         """
         if not changes:

@@ -299,16 +299,12 @@ class Stack:
 
 
 @contextmanager
-def running_stack(
-    workers: int = 0, worker_args: tuple[str, ...] = (), durable: bool = False, **extra: str
-) -> Iterator[Stack]:
+def running_stack(durable: bool = False, **extra: str) -> Iterator[Stack]:
     with environment(durable, **extra) as env:
         stack = Stack(env)
         try:
             stack.start_broker()
             stack.start_api()
-            for _ in range(workers):
-                stack.start_worker(*worker_args)
             yield stack
         except BaseException:
             print(stack.logs(), file=sys.stderr)

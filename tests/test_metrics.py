@@ -256,7 +256,8 @@ ACCESS = re.compile(r"api\.access \[(\d+)\] (.*)$")
 @pytest.fixture(scope="module")
 def stack() -> Iterator[Stack]:
     # INFO, so that access lines (with each worker's pid) reach the api log.
-    with running_stack(workers=1, FORMULARY_LOG_LEVEL="INFO") as stack:
+    with running_stack(FORMULARY_LOG_LEVEL="INFO") as stack:
+        stack.start_worker()
         yield stack
 
 
