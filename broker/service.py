@@ -10,7 +10,10 @@ changes nothing.
 Durability. Every change is also written to the journal (``broker.journal``)
 within the same call. A submit changes memory first, then writes the
 journal, and undoes the memory changes if the write fails, so a client that
-got an error has nothing stored anywhere. An ack or a result is checked,
+got an error has nothing stored anywhere. Submits that arrive while another
+group's commit is under way are admitted together, one after the other, and
+share one journal transaction (``broker.group``): each is still all or
+nothing, and none is answered before that transaction has committed. An ack or a result is checked,
 journalled, then applied (applying cannot fail). Delivery counts, dead
 letters and redrives are journalled after the memory change: a failed write
 there can only leave a count on disk lower than in memory, and a restart
@@ -44,7 +47,8 @@ from broker.errors import (
     StorageFailed,
 )
 from broker.formula import FormulaDraft, Material
-from broker.idempotency import IdempotencyKeys, Remembered
+from broker.group import GroupCommit
+from broker.idempotency import IdempotencyKeys, Outcome, Remembered
 from broker.interface import (
     ALREADY_ACKED,
     COMPLETED,
@@ -106,6 +110,29 @@ MAX_BATCH = 100
 MAX_WAIT_SECONDS = 60.0
 
 
+# What a submit hands the group commit: the draft and its Idempotency-Key, if any.
+SubmitRequest = tuple[FormulaDraft, IdempotencyKey | None]
+
+
+class _Step:
+    """One group's journal changes, how to undo their memory side, and its counts."""
+
+    __slots__ = ("changes", "duplicates", "refused_capacity", "submitted", "undoing")
+
+    def __init__(self) -> None:
+        self.changes: list[Change] = []
+        self.undoing: list[Callable[[], None]] = []
+        self.submitted = 0
+        self.duplicates = 0
+        self.refused_capacity = 0
+
+    def undo(self) -> None:
+        # Newest first: the store, the queue and the keys each undo only
+        # their latest addition.
+        while self.undoing:
+            self.undoing.pop()()
+
+
 def new_id() -> str:
     """Opaque, unguessable, URL-safe: 128 random bits in 22 characters."""
     return secrets.token_urlsafe(16)
@@ -148,6 +175,7 @@ class Broker:
         self._duplicates = 0
         self._refused_capacity = 0
         self._processed = 0
+        self._submits = GroupCommit(self._submit_group)
         self._recover()
 
     def _recover(self) -> None:
@@ -203,76 +231,103 @@ class Broker:
         return True
 
     def submit(self, draft: FormulaDraft, idempotency: IdempotencyKey | None = None) -> Submission:
+        # Concurrent submits share one journal commit (broker.group); each
+        # still gets its own all-or-nothing outcome, answered after that commit.
+        return self._submits((draft, idempotency))
+
+    def _submit_group(self, requests: Sequence[SubmitRequest]) -> list[Submission | BaseException]:
+        """Admit ``requests`` in order and journal them in one write: all, or each alone.
+
+        Each request sees the ones before it (a make-up twice in one group is
+        a 409 for the second). If the write fails, every memory change of the
+        group is undone and, for a group of more than one, each request is run
+        again alone, so each gets the answer it would have had by itself.
+        """
         with self._lock:
             now = self._wall_clock()
             if self._keys.expire(now):
                 self._keys_expired = True
-            if idempotency is not None:
-                earlier = self._keys.get(idempotency.key, now)
-                if earlier is not None:
-                    return self._replay(earlier, idempotency)
-            existing = self._store.by_fingerprint(draft.fingerprint)
-            if existing is not None:
-                duplicate = DuplicateFormula(existing.formula_id, existing.fingerprint)
-                if idempotency is not None:
-                    self._remember_duplicate(idempotency, duplicate, now)
-                self._duplicates += 1
-                raise duplicate
-            if not self._queue.has_room():
-                self._refused_capacity += 1
-                raise QueueFull(self._queue.capacity)
-            record = FormulaRecord(
-                formula_id=self._new_id(),
-                name=draft.name,
-                packed_materials=pack_materials(draft.materials),
-                fingerprint=draft.fingerprint,
-                message_id=self._new_id(),
-                created_at=now,
-            )
-            submission = Submission(self._view(record, draft.materials))
-            self._store_and_publish(record, submission, idempotency, now)
-            self._submitted += 1
-            self._lock.notify()
-            return submission
+            step = _Step()
+            try:
+                outcomes = [self._admit(draft, key, now, step) for draft, key in requests]
+            except BaseException:
+                step.undo()
+                raise
+            try:
+                self._write(step.changes, now)
+            except StorageFailed as failed:
+                step.undo()
+                if len(requests) == 1:
+                    return [failed]
+                return [self._submit_alone(request, now) for request in requests]
+            self._settle_submits(step)
+            return outcomes
 
-    def _store_and_publish(
-        self,
-        record: FormulaRecord,
-        submission: Submission,
-        idempotency: IdempotencyKey | None,
-        now: float,
-    ) -> None:
-        """Store, remember the key, publish and journal: all of it, or none of it."""
+    def _submit_alone(self, request: SubmitRequest, now: float) -> Submission | BaseException:
+        step = _Step()
+        try:
+            outcome = self._admit(*request, now, step)
+        except BaseException:
+            step.undo()
+            raise
+        try:
+            self._write(step.changes, now)
+        except StorageFailed as failed:
+            step.undo()
+            return failed
+        self._settle_submits(step)
+        return outcome
+
+    def _settle_submits(self, step: _Step) -> None:
+        self._submitted += step.submitted
+        self._duplicates += step.duplicates
+        self._refused_capacity += step.refused_capacity
+        if step.submitted:
+            self._lock.notify(step.submitted)
+
+    def _admit(
+        self, draft: FormulaDraft, idempotency: IdempotencyKey | None, now: float, step: _Step
+    ) -> Submission | BaseException:
+        """One submit in memory: its outcome; its changes and their undoing go to ``step``."""
+        if idempotency is not None:
+            earlier = self._keys.get(idempotency.key, now)
+            if earlier is not None:
+                return self._replay(earlier, idempotency)
+        existing = self._store.by_fingerprint(draft.fingerprint)
+        if existing is not None:
+            duplicate = DuplicateFormula(existing.formula_id, existing.fingerprint)
+            if idempotency is not None:
+                self._remember(idempotency, duplicate, now, step)
+            step.duplicates += 1
+            return duplicate
+        if not self._queue.has_room():
+            step.refused_capacity += 1
+            return QueueFull(self._queue.capacity)
+        record = FormulaRecord(
+            formula_id=self._new_id(),
+            name=draft.name,
+            packed_materials=pack_materials(draft.materials),
+            fingerprint=draft.fingerprint,
+            message_id=self._new_id(),
+            created_at=now,
+        )
+        submission = Submission(self._view(record, draft.materials))
         self._store.add(record)
-        remembered: Remembered | None = None
-        published = False
-        try:
-            changes: list[Change] = [StoreFormula(record)]
-            if idempotency is not None:
-                remembered = self._keys.put(
-                    idempotency.key, idempotency.body_digest, submission, now
-                )
-                changes.append(RememberKey(remembered))
-            self._queue.publish(record.message_id, record.formula_id, record.fingerprint)
-            published = True
-            self._write(changes, now)
-        except BaseException:
-            if published:
-                self._queue.unpublish(record.message_id)
-            if remembered is not None:
-                self._keys.discard(remembered)
-            self._store.discard_last(record)
-            raise
+        step.changes.append(StoreFormula(record))
+        step.undoing.append(lambda: self._store.discard_last(record))
+        if idempotency is not None:
+            self._remember(idempotency, submission, now, step)
+        self._queue.publish(record.message_id, record.formula_id, record.fingerprint)
+        step.undoing.append(lambda: self._queue.unpublish(record.message_id))
+        step.submitted += 1
+        return submission
 
-    def _remember_duplicate(
-        self, idempotency: IdempotencyKey, duplicate: DuplicateFormula, now: float
+    def _remember(
+        self, idempotency: IdempotencyKey, outcome: Outcome, now: float, step: _Step
     ) -> None:
-        remembered = self._keys.put(idempotency.key, idempotency.body_digest, duplicate, now)
-        try:
-            self._write([RememberKey(remembered)], now)
-        except BaseException:
-            self._keys.discard(remembered)
-            raise
+        remembered = self._keys.put(idempotency.key, idempotency.body_digest, outcome, now)
+        step.changes.append(RememberKey(remembered))
+        step.undoing.append(lambda: self._keys.discard(remembered))
 
     def _write(self, changes: list[Change], now: float | None = None) -> None:
         """Journal ``changes`` in one transaction; a failure becomes ``StorageFailed``."""
@@ -286,12 +341,14 @@ class Broker:
         if now is not None:
             self._keys_expired = False
 
-    def _replay(self, earlier: Remembered, idempotency: IdempotencyKey) -> Submission:
+    def _replay(
+        self, earlier: Remembered, idempotency: IdempotencyKey
+    ) -> Submission | BaseException:
         if earlier.body_digest != idempotency.body_digest:
-            raise IdempotencyKeyReused(idempotency.key)
+            return IdempotencyKeyReused(idempotency.key)
         outcome = earlier.outcome
         if isinstance(outcome, DuplicateFormula):
-            raise DuplicateFormula(outcome.existing_id, outcome.fingerprint, True)
+            return DuplicateFormula(outcome.existing_id, outcome.fingerprint, True)
         return Submission(outcome.formula, replayed=True)
 
     def get_formula(self, formula_id: str) -> FormulaView:

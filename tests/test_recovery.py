@@ -4,6 +4,7 @@ failure in the middle of a change leaves behind."""
 from __future__ import annotations
 
 import itertools
+import threading
 from collections.abc import Sequence
 from decimal import Decimal
 from pathlib import Path
@@ -14,10 +15,11 @@ import pytest
 from broker.errors import DuplicateFormula, StorageFailed
 from broker.formula import FormulaDraft, parse_formula
 from broker.interface import IdempotencyKey
-from broker.journal import Change, SqliteJournal
+from broker.journal import Change, SqliteJournal, StoreFormula
 from broker.queue import MessageQueue
 from broker.service import Broker
 from tests.conftest import FakeClock
+from tests.support import wait_for
 
 
 def draft(tag: str, concentration: str = "1") -> FormulaDraft:
@@ -165,3 +167,57 @@ def test_a_failed_result_write_records_nothing_and_keeps_the_lease(restart, tmp_
     assert broker.complete(delivery.receipt, {"x": 1})
     broker.close()
     assert restart().get_formula(formula.id).status == "processed"
+
+
+class GroupFailingJournal(SqliteJournal):
+    """Holds its first write until released; fails any write that stores two formulas."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def write(self, changes: Sequence[Change]) -> None:
+        if not self.entered.is_set():
+            self.entered.set()
+            self.release.wait(timeout=15)
+        if sum(isinstance(change, StoreFormula) for change in changes) > 1:
+            raise OSError("disk full")
+        super().write(changes)
+
+
+def test_a_group_whose_commit_fails_is_answered_one_submit_at_a_time(restart, tmp_path) -> None:
+    journal = GroupFailingJournal(tmp_path / "journal.sqlite3")
+    broker = restart(journal=journal)
+    outcomes: dict[str, object] = {}
+
+    def submit(label: str, make_up: str) -> threading.Thread:
+        def run() -> None:
+            try:
+                outcomes[label] = broker.submit(draft(make_up)).formula.id
+            except DuplicateFormula as exc:
+                outcomes[label] = exc
+
+        thread = threading.Thread(target=run)
+        thread.start()
+        return thread
+
+    threads = [submit("first", "a")]
+    assert journal.entered.wait(timeout=15)
+    # These three wait behind the first commit and are admitted as one group,
+    # whose one write fails; each is then run alone and gets its own answer.
+    threads += [submit("b", "b"), submit("b again", "b"), submit("c", "c")]
+    wait_for(lambda: broker._submits.waiting == 3, what="three submits behind the first")
+    journal.release.set()
+    for thread in threads:
+        thread.join(timeout=15)
+
+    duplicate = outcomes["b again"]
+    assert isinstance(duplicate, DuplicateFormula)
+    assert duplicate.existing_id == outcomes["b"]
+    stats = broker.stats()
+    assert (stats.formulas, stats.submitted, stats.duplicates, stats.published) == (3, 3, 1, 3)
+    broker.close()
+    reopened = restart()
+    stored = {f.id for f in reopened.list_formulas(10).items}
+    assert stored == {outcomes["first"], outcomes["b"], outcomes["c"]}
