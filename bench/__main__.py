@@ -2,8 +2,9 @@
 
 Three phases, each on its own freshly started processes (see ``bench/stack.py``):
 
-1. HTTP: broker + API + the ceiling app under the same gunicorn configuration,
-   no workers. Each repetition runs the ceiling, new make-ups (ingest alone),
+1. HTTP: broker + API + the ceiling app (and the ceiling plus one broker round
+   trip) under the same gunicorn configuration, no workers. Each repetition
+   runs the ceiling, the round trip, new make-ups (ingest alone),
    the same make-up (409) and ``GET /formulas/{id}`` back to back, so every
    scenario sees the same conditions; figures are medians over repetitions.
 2. Pipeline: broker + API + the default worker count. Submit-to-processed
@@ -46,6 +47,7 @@ READ_BODY = b'{"name":"Bench read","materials":[{"name":"Bench Iris","concentrat
 # key, title, expected status
 SCENARIOS = (
     ("ceiling", "no-op Falcon app, parses the JSON body, 202", "202"),
+    ("round_trip", "the ceiling plus one broker round trip (ping), 202", "202"),
     ("ingest", "POST /formulas, new make-up, workers stopped", "202"),
     ("pipeline", "POST /formulas, new make-up, workers running", "202"),
     ("duplicate", "POST /formulas, the same make-up", "409"),
@@ -147,7 +149,7 @@ def _check(results: report.Results, label: str, aggregate: Aggregate, expected: 
 
 def _log_run(key: str, result: LoadResult) -> None:
     log.info(
-        "%-9s %8.0f req/s  p50 %6.2f ms  p99 %7.2f ms  %s%s",
+        "%-10s %8.0f req/s  p50 %6.2f ms  p99 %7.2f ms  %s%s",
         key,
         result.rps,
         result.p50_ms,
@@ -163,12 +165,14 @@ def http_phase(config: Config, plan: Plan, results: report.Results) -> None:
         stack.start_broker()
         api = stack.start_server("api")
         ceiling = stack.start_server("ceiling", "bench.ceiling:app")
+        round_trip = stack.start_server("round_trip", "bench.ceiling:round_trip_app()")
         request(api, "POST", "/formulas", DUPLICATE_BODY)
         status, headers, _ = request(api, "POST", "/formulas", READ_BODY)
         if status != 202:
             raise StartError(f"could not store the formula to read back: {status}")
         specs = {
             "ceiling": plan.spec(ceiling, "POST", "/formulas", "unique"),
+            "round_trip": plan.spec(round_trip, "POST", "/formulas", "unique"),
             "ingest": plan.spec(api, "POST", "/formulas", "unique"),
             "duplicate": plan.spec(api, "POST", "/formulas", "fixed", DUPLICATE_BODY),
             "get": plan.spec(api, "GET", headers["location"], "none"),
