@@ -24,8 +24,9 @@ from collections.abc import Callable, Mapping, Sequence
 from multiprocessing import AuthenticationError
 from typing import Any, TypeVar
 
-from broker.errors import BrokerUnavailable
+from broker.errors import BrokerUnavailable, FormularyError
 from broker.formula import FormulaDraft
+from broker.group import GroupCommit
 from broker.interface import (
     BrokerStats,
     Delivery,
@@ -57,6 +58,7 @@ class BrokerClient:
         self._connect_timeout = connect_timeout
         self._local = threading.local()
         self._pid = os.getpid()
+        self._submits = GroupCommit(self.submit_many)
 
     # -- SubmissionBroker ------------------------------------------------------
 
@@ -64,7 +66,18 @@ class BrokerClient:
         return self._call(lambda b: b.ping(), idempotent=True)
 
     def submit(self, draft: FormulaDraft, idempotency: IdempotencyKey | None = None) -> Submission:
-        return self._call(lambda b: b.submit(draft, idempotency), idempotent=False)
+        # The submits this process's threads make while one round trip is
+        # under way wait for it to end and go together in the next one
+        # (``submit_many``): fewer round trips and larger journal groups for
+        # the broker, each submit still its own atomic step and answer.
+        self._after_fork()
+        return self._submits((draft, idempotency))
+
+    def submit_many(
+        self, requests: Sequence[tuple[FormulaDraft, IdempotencyKey | None]]
+    ) -> list[Submission | FormularyError]:
+        """One round trip for several submits; see ``Broker.submit_many``."""
+        return self._call(lambda b: b.submit_many(requests), idempotent=False)
 
     def get_formula(self, formula_id: str) -> FormulaView:
         return self._call(lambda b: b.get_formula(formula_id), idempotent=True)
@@ -145,11 +158,16 @@ class BrokerClient:
                     raise BrokerUnavailable(_describe(exc)) from None
         raise AssertionError("unreachable")
 
-    def _proxy(self) -> BrokerProxy:
+    def _after_fork(self) -> None:
         if os.getpid() != self._pid:
-            # Forked: the parent's connections belong to the parent.
+            # Forked: the parent's connections, and any group it had under
+            # way, belong to the parent.
             self._local = threading.local()
+            self._submits = GroupCommit(self.submit_many)
             self._pid = os.getpid()
+
+    def _proxy(self) -> BrokerProxy:
+        self._after_fork()
         proxy: BrokerProxy | None = getattr(self._local, "proxy", None)
         if proxy is None:
             proxy = self._connect()

@@ -1,24 +1,28 @@
 """Group commit: concurrent callers share one pass through a batch function.
 
-A durable submit costs one journal commit, and a commit costs the same for
-one formula as for ten (its fsync dominates). :class:`GroupCommit` lets the
-submits that arrive while a commit is under way wait for the next one and
-share it, instead of queueing one by one on the broker lock.
+A durable submit costs one journal commit, and a commit costs about the same
+for one formula as for ten (its fsync dominates); a round trip to the broker
+likewise costs about the same for one submit as for several. The broker puts
+its submits through a :class:`GroupCommit` (one journal transaction per group)
+and so does ``broker.client`` (one ``submit_many`` round trip per group).
 
-It is flat combining. Each caller adds its item to a waiting list. If no group
-is being applied, that caller becomes the leader: it takes the whole list and
-runs ``apply`` on it once, then wakes everyone. The others sleep until their
-item has its outcome, or until the leader is done and one of them must lead
-the items that arrived meanwhile. Every caller gets back exactly its own
-outcome (a value, or an exception raised in its thread), and only after the
-group that held its item has been applied in full, so an answer never
-precedes the commit that makes it true.
+It is flat combining. Each caller adds its items to a waiting list. If no
+group is being applied, that caller leads: it takes the whole list and runs
+``apply`` on it once. Then it wakes the callers of that group and hands the
+lead to the first caller that arrived meanwhile, who takes everything waiting
+by then. Each caller sleeps on a lock of its own, so no caller wakes only to
+sleep again.
+
+Every caller gets back exactly its own outcome (a value, or an exception
+raised in its thread; :meth:`GroupCommit.outcomes` takes several items at
+once and returns theirs), and only after the group that held its items has
+been applied in full, so an answer never precedes the commit that makes it
+true.
 
 ``apply`` takes items in arrival order and returns one outcome per item: the
 value to return or the exception to raise. If it raises, every item of the
-group gets that exception. Costs: O(1) per call besides ``apply``; one
-``notify_all`` per group, which wakes the callers that wait (at most one per
-connection to the broker).
+group gets that exception. Costs: O(1) per call besides ``apply``, and one
+lock per caller.
 """
 
 from __future__ import annotations
@@ -33,55 +37,78 @@ Item = TypeVar("Item")
 Result = TypeVar("Result")
 
 
-class _Call(Generic[Item, Result]):
-    __slots__ = ("done", "item", "outcome")
+class _Waiter(Generic[Item, Result]):
+    """One caller's items, their outcomes once known, and the lock it sleeps on."""
 
-    def __init__(self, item: Item) -> None:
-        self.item = item
-        self.outcome: Result | BaseException | None = None
-        self.done = False
+    __slots__ = ("items", "outcomes", "wake")
+
+    def __init__(self, items: list[Item]) -> None:
+        self.items = items
+        self.outcomes: list[Result | BaseException] | None = None
+        # Held from the start: the caller blocks acquiring it until a leader
+        # releases it, either with its outcomes or to make it the next leader.
+        self.wake = threading.Lock()
+        self.wake.acquire()
 
 
 class GroupCommit(Generic[Item, Result]):
     def __init__(self, apply: Callable[[Sequence[Item]], Sequence[Result | BaseException]]) -> None:
         self._apply = apply
-        self._changed = threading.Condition(threading.Lock())
-        self._waiting: list[_Call[Item, Result]] = []
+        self._lock = threading.Lock()
+        self._waiting: list[_Waiter[Item, Result]] = []
         self._applying = False
 
     @property
     def waiting(self) -> int:
-        """Callers whose item waits for the next group (not the one being applied)."""
-        with self._changed:
+        """Callers whose items wait for the next group (not the one being applied)."""
+        with self._lock:
             return len(self._waiting)
 
     def __call__(self, item: Item) -> Result:
-        call: _Call[Item, Result] = _Call(item)
-        with self._changed:
-            self._waiting.append(call)
-            while self._applying and not call.done:
-                self._changed.wait()
-            group: list[_Call[Item, Result]] = []
-            if not call.done:
-                group, self._waiting = self._waiting, []
-                self._applying = True
-        if group:
-            self._lead(group)
-        if isinstance(call.outcome, BaseException):
-            raise call.outcome
-        return call.outcome  # type: ignore[return-value]
+        """``item``'s outcome: its value returned, or its exception raised."""
+        [outcome] = self.outcomes([item])
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
 
-    def _lead(self, group: list[_Call[Item, Result]]) -> None:
+    def outcomes(self, items: Sequence[Item]) -> list[Result | BaseException]:
+        """Every item's outcome, in order; the items join one group together."""
+        if not items:
+            return []
+        me: _Waiter[Item, Result] = _Waiter(list(items))
+        with self._lock:
+            self._waiting.append(me)
+            leading = not self._applying
+            self._applying = True
+        if not leading:
+            me.wake.acquire()
+            if me.outcomes is not None:
+                return me.outcomes
+            # Woken without outcomes: the last leader handed the lead to us.
+        with self._lock:
+            group, self._waiting = self._waiting, []
+        self._lead(group)
+        assert me.outcomes is not None
+        return me.outcomes
+
+    def _lead(self, group: list[_Waiter[Item, Result]]) -> None:
+        items = [item for waiter in group for item in waiter.items]
         try:
-            outcomes = self._apply([call.item for call in group])
-            if len(outcomes) != len(group):
-                raise RuntimeError(f"{len(outcomes)} outcomes for a group of {len(group)}")
+            outcomes = list(self._apply(items))
+            if len(outcomes) != len(items):
+                raise RuntimeError(f"{len(outcomes)} outcomes for a group of {len(items)}")
         except BaseException as exc:
-            outcomes = [exc] * len(group)
-        finally:
-            with self._changed:
-                for call, outcome in zip(group, outcomes, strict=True):
-                    call.outcome = outcome
-                    call.done = True
-                self._applying = False
-                self._changed.notify_all()
+            outcomes = [exc] * len(items)
+        start = 0
+        for waiter in group:
+            waiter.outcomes = outcomes[start : start + len(waiter.items)]
+            start += len(waiter.items)
+        with self._lock:
+            # The first caller that arrived meanwhile leads next; the others
+            # sleep on, so only the callers with an answer or a lead wake.
+            successor = self._waiting[0] if self._waiting else None
+            self._applying = successor is not None
+        if successor is not None:
+            successor.wake.release()
+        for waiter in group:
+            waiter.wake.release()

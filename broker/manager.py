@@ -18,6 +18,7 @@ from multiprocessing.managers import BaseManager, BaseProxy, Server
 from pathlib import Path
 from typing import Any
 
+from broker.errors import FormularyError
 from broker.formula import FormulaDraft
 from broker.interface import (
     BrokerStats,
@@ -102,6 +103,12 @@ class BrokerProxy(BaseProxy):
 
     def submit(self, draft: FormulaDraft, idempotency: IdempotencyKey | None = None) -> Submission:
         result: Submission = self._remote("submit", draft, idempotency)
+        return result
+
+    def submit_many(
+        self, requests: Sequence[tuple[FormulaDraft, IdempotencyKey | None]]
+    ) -> list[Submission | FormularyError]:
+        result: list[Submission | FormularyError] = self._remote("submit_many", list(requests))
         return result
 
     def get_formula(self, formula_id: str) -> FormulaView:

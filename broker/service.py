@@ -39,6 +39,7 @@ from typing import Any
 from broker.errors import (
     DuplicateFormula,
     FormulaNotFound,
+    FormularyError,
     IdempotencyKeyReused,
     InvalidSummary,
     MessageNotFound,
@@ -89,6 +90,7 @@ Clock = Callable[[], float]
 EXPOSED = (
     "ping",
     "submit",
+    "submit_many",
     "get_formula",
     "get_formulas",
     "list_formulas",
@@ -234,6 +236,22 @@ class Broker:
         # Concurrent submits share one journal commit (broker.group); each
         # still gets its own all-or-nothing outcome, answered after that commit.
         return self._submits((draft, idempotency))
+
+    def submit_many(self, requests: Sequence[SubmitRequest]) -> list[Submission | FormularyError]:
+        """``submit`` for several clients' submits at once: one outcome per request, in order.
+
+        Each is its own atomic submit, exactly as if sent alone; an outcome is
+        the ``Submission`` or the error ``submit`` would have raised
+        (``DuplicateFormula``, ``QueueFull``, ``IdempotencyKeyReused``,
+        ``StorageFailed``). One round trip for many: the API sends the submits
+        its threads have ready together (see ``broker.client``).
+        """
+        outcomes: list[Submission | FormularyError] = []
+        for outcome in self._submits.outcomes([(draft, key) for draft, key in requests]):
+            if isinstance(outcome, BaseException) and not isinstance(outcome, FormularyError):
+                raise outcome
+            outcomes.append(outcome)
+        return outcomes
 
     def _submit_group(self, requests: Sequence[SubmitRequest]) -> list[Submission | BaseException]:
         """Admit ``requests`` in order and journal them in one write: all, or each alone.

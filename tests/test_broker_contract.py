@@ -27,7 +27,7 @@ from broker.errors import (
     StaleReceipt,
 )
 from broker.formula import parse_formula
-from broker.interface import ConsumerBroker, IdempotencyKey, SubmissionBroker
+from broker.interface import ConsumerBroker, IdempotencyKey, Submission, SubmissionBroker
 from broker.manager import make_server
 from broker.service import EXPOSED, Broker
 from tests.conftest import FakeClock
@@ -117,6 +117,51 @@ def test_errors_cross_with_their_fields(remote) -> None:
         remote.nack("nope.nope")
     with pytest.raises(MessageNotFound):
         remote.message_info("nope")
+
+
+def test_submit_many_answers_each_submit_as_if_it_were_alone(remote) -> None:
+    other = draft("Other", ("Vetiver", "3"))
+    outcomes = remote.submit_many(
+        [
+            (ROSE, IdempotencyKey("k", "d")),
+            (ROSE, None),
+            (other, None),
+            (other, IdempotencyKey("k", "another body")),
+        ]
+    )
+    first, duplicate, second, reused = outcomes
+    assert isinstance(first, Submission) and isinstance(second, Submission)
+    assert isinstance(duplicate, DuplicateFormula) and duplicate.existing_id == first.formula.id
+    assert isinstance(reused, IdempotencyKeyReused)
+    assert remote.stats().formulas == 2 and remote.stats().published == 2
+    assert remote.submit_many([]) == []
+
+
+def test_concurrent_submits_each_get_their_own_answer(remote) -> None:
+    # Through the client these share round trips (the queue holds 3); each thread still gets the
+    # answer to its own submit, and a make-up is stored once.
+    makeups = [draft(f"F{i}", (f"M{i % 3}", "1")) for i in range(16)]
+    results: dict[int, object] = {}
+    barrier = threading.Barrier(16)
+
+    def submit(i: int) -> None:
+        barrier.wait()
+        try:
+            results[i] = remote.submit(makeups[i]).formula.fingerprint
+        except DuplicateFormula as exc:
+            results[i] = exc
+
+    threads = [threading.Thread(target=submit, args=(i,)) for i in range(16)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    accepted = [r for r in results.values() if isinstance(r, str)]
+    assert len(results) == 16 and sorted(accepted) == sorted({d.fingerprint for d in makeups})
+    for i, outcome in results.items():
+        if isinstance(outcome, DuplicateFormula):
+            assert outcome.fingerprint == makeups[i].fingerprint
+    assert remote.stats().formulas == 3 and remote.stats().duplicates == 13
 
 
 def test_capacity_refuses_with_queue_full(remote) -> None:
