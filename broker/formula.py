@@ -44,6 +44,8 @@ _MATERIAL_KEYS = ("name", "concentration")
 
 # Bumped only together with a migration of every stored fingerprint.
 _FINGERPRINT_TAG = b"formulary.fingerprint.v1\n"
+# json.dumps with options builds an encoder per call; this one is made once.
+_FINGERPRINT_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
 
 # Only InvalidOperation matters here: it is how the Decimal constructor
 # refuses an exponent beyond what the decimal module can hold. Passing this
@@ -181,7 +183,10 @@ def parse_json(body: bytes) -> object:
         raise _body_error(f"is not valid UTF-8 (byte {exc.start})") from None
     if not text.strip(_JSON_WHITESPACE):
         raise _body_error("is empty")
-    if _nesting_depth(text) > MAX_DEPTH:
+    # Fewer opening brackets than the limit, in strings or not, cannot nest
+    # past it: the usual body skips the scan.
+    openings = text.count("[") + text.count("{")
+    if openings > MAX_DEPTH and _nesting_depth(text) > MAX_DEPTH:
         raise _body_error(f"is nested more than {MAX_DEPTH} levels deep")
     try:
         return json.loads(
@@ -439,7 +444,7 @@ def fingerprint(materials: Iterable[Material]) -> str:
 def _digest(pairs: Iterable[tuple[str, Decimal]]) -> str:
     """The fingerprint of (material key, concentration) pairs; see :func:`fingerprint`."""
     encoded = sorted([key, decimal_text(concentration)] for key, concentration in pairs)
-    payload = json.dumps(encoded, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    payload = _FINGERPRINT_ENCODER.encode(encoded).encode("utf-8")
     return hashlib.sha256(_FINGERPRINT_TAG + payload).hexdigest()
 
 
