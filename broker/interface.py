@@ -91,6 +91,10 @@ class Submission:
     formula: FormulaView
     replayed: bool = False
 
+    def __reduce__(self) -> tuple[type[Submission], tuple[FormulaView, bool]]:
+        # The dataclass default pickles slots state through fields(): slower.
+        return (Submission, (self.formula, self.replayed))
+
 
 @dataclass(frozen=True, slots=True)
 class IdempotencyKey:
