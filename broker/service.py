@@ -13,11 +13,12 @@ journal, and undoes the memory changes if the write fails, so a client that
 got an error has nothing stored anywhere. Submits that arrive while another
 group's commit is under way are admitted together, one after the other, and
 share one journal transaction (``broker.group``): each is still all or
-nothing, and none is answered before that transaction has committed. An ack or a result is checked,
-journalled, then applied (applying cannot fail). Delivery counts, dead
-letters and redrives are journalled after the memory change: a failed write
-there can only leave a count on disk lower than in memory, and a restart
-makes every unacknowledged message visible again anyway.
+nothing, and none is answered before that transaction has committed. An ack
+or a result is checked, journalled, then applied (applying cannot fail).
+Delivery counts, dead letters and redrives are journalled after the memory
+change: a failed write there can only leave a count on disk lower than in
+memory, and a restart makes every unacknowledged message visible again
+anyway.
 
 ``receive`` long-polls on a condition variable tied to that lock: the waiting
 thread sleeps until a publish, nack or redrive notifies it, or until the
