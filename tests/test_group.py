@@ -98,3 +98,32 @@ def _outcome(group: GroupCommit[int, int], n: int) -> object:
         return group(n)
     except BaseException as exc:
         return exc
+
+
+def test_many_callers_each_get_their_own_outcomes_and_none_is_left_waiting() -> None:
+    applied: list[int] = []
+
+    def apply(items: Sequence[int]) -> list[int | BaseException]:
+        applied.extend(items)
+        return [2 * n for n in items]
+
+    group: GroupCommit[int, int] = GroupCommit(apply)
+    wrong: list[tuple[int, object]] = []
+
+    def caller(base: int) -> None:
+        for n in range(base, base + 300, 3):
+            got: object = group(n) if n % 2 else group.outcomes([n, n + 1, n + 2])
+            want: object = 2 * n if n % 2 else [2 * n, 2 * n + 2, 2 * n + 4]
+            if got != want:
+                wrong.append((n, got))
+
+    threads = [threading.Thread(target=caller, args=(1000 * t,)) for t in range(12)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert not any(thread.is_alive() for thread in threads)
+    assert wrong == []
+    assert group.waiting == 0
+    # Every item was applied exactly once.
+    assert len(applied) == len(set(applied))
