@@ -24,8 +24,9 @@ from collections.abc import Sequence
 from decimal import Decimal
 from pathlib import Path
 
+from broker.changes import Change, Recovered
 from broker.formula import FormulaDraft, Material, fingerprint
-from broker.journal import Change, Recovered, SqliteJournal
+from broker.journal import SqliteJournal
 from broker.service import Broker
 from worker.handlers import summarise
 

@@ -1,10 +1,10 @@
 """The journal: every change to the broker's state, kept in an embedded SQLite file.
 
-The broker keeps its state in memory and hands each atomic step's changes to
-:meth:`Journal.write` as one list, under its own lock; :meth:`Journal.load`
-gives everything back on start. :class:`SqliteJournal` writes a WAL-mode file
-through the stdlib ``sqlite3``; :class:`MemoryJournal` (``FORMULARY_DATA=:memory:``)
-writes nothing.
+The broker keeps its state in memory and hands each atomic step's changes
+(``broker.changes``) to :meth:`Journal.write` as one list, under its own
+lock; :meth:`Journal.load` gives everything back on start.
+:class:`SqliteJournal` writes a WAL-mode file through the stdlib ``sqlite3``;
+:class:`MemoryJournal` (``FORMULARY_DATA=:memory:``) writes nothing.
 
 What survives what, with the ``synchronous`` setting chosen at open:
 
@@ -44,31 +44,32 @@ import logging
 import os
 import sqlite3
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final, NamedTuple, Protocol
+from typing import Any, Final, Protocol
 
+from broker.changes import (
+    BuryMessage,
+    Change,
+    CountDelivery,
+    DeleteMessage,
+    ForgetKeys,
+    RecordResult,
+    Recovered,
+    RecoveredMessage,
+    RedriveMessage,
+    RememberKey,
+    StoreFormula,
+)
 from broker.idempotency import Remembered, decode_outcome, encode_outcome
 from broker.store import FormulaRecord
 
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "BuryMessage",
-    "Change",
-    "CountDelivery",
-    "DeleteMessage",
-    "ForgetKeys",
     "Journal",
     "JournalError",
     "MemoryJournal",
-    "RecordResult",
-    "Recovered",
-    "RecoveredMessage",
-    "RedriveMessage",
-    "RememberKey",
     "SqliteJournal",
-    "StoreFormula",
     "open_journal",
 ]
 
@@ -84,111 +85,6 @@ class JournalError(Exception):
     @property
     def message(self) -> str:
         return str(self.args[0])
-
-
-# -- changes -------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class StoreFormula:
-    """A new formula and its ``formula.created`` message (no deliveries, live)."""
-
-    record: FormulaRecord
-
-
-@dataclass(frozen=True, slots=True)
-class RememberKey:
-    """An ``Idempotency-Key`` and the first answer given for it."""
-
-    remembered: Remembered
-
-
-@dataclass(frozen=True, slots=True)
-class CountDelivery:
-    """A message was delivered: its own count (reset on redrive) and its formula's total."""
-
-    message_id: str
-    formula_id: str
-    message_deliveries: int
-    formula_deliveries: int
-
-
-@dataclass(frozen=True, slots=True)
-class RecordResult:
-    """A handler's result and the ack of its message; the first result recorded wins."""
-
-    formula_id: str
-    message_id: str
-    processed_at: float
-    summary_json: str  # broker.store.pack_summary
-
-
-@dataclass(frozen=True, slots=True)
-class DeleteMessage:
-    """A message was acked."""
-
-    message_id: str
-
-
-@dataclass(frozen=True, slots=True)
-class BuryMessage:
-    """A message went to the dead letters (it is loaded after the older ones)."""
-
-    message_id: str
-
-
-@dataclass(frozen=True, slots=True)
-class RedriveMessage:
-    """A dead letter is live again, delivery count 0, behind every fresh message."""
-
-    message_id: str
-
-
-@dataclass(frozen=True, slots=True)
-class ForgetKeys:
-    """Idempotency keys with ``expires_at <= before`` are gone."""
-
-    before: float
-
-
-Change = (
-    StoreFormula
-    | RememberKey
-    | CountDelivery
-    | RecordResult
-    | DeleteMessage
-    | BuryMessage
-    | RedriveMessage
-    | ForgetKeys
-)
-
-
-# -- what load() returns ---------------------------------------------------------
-
-
-class RecoveredMessage(NamedTuple):
-    """One unacknowledged message, as ``MessageQueue.restore`` takes it."""
-
-    message_id: str
-    formula_id: str
-    fingerprint: str
-    deliveries: int
-    dead: bool
-
-
-@dataclass(frozen=True)
-class Recovered:
-    """Everything the journal holds.
-
-    ``formulas`` in submit order; ``messages`` live ones in queue order (fresh
-    in publish order, then redriven in redrive order) followed by dead letters
-    oldest first; ``keys`` oldest first, expired or not (the broker expires
-    them).
-    """
-
-    formulas: list[FormulaRecord]
-    messages: list[RecoveredMessage]
-    keys: list[Remembered]
 
 
 class Journal(Protocol):

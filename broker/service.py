@@ -37,6 +37,18 @@ from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
+from broker.changes import (
+    BuryMessage,
+    Change,
+    CountDelivery,
+    DeleteMessage,
+    ForgetKeys,
+    RecordResult,
+    Recovered,
+    RedriveMessage,
+    RememberKey,
+    StoreFormula,
+)
 from broker.errors import (
     DuplicateFormula,
     FormulaNotFound,
@@ -67,20 +79,7 @@ from broker.interface import (
     MessageInfo,
     Submission,
 )
-from broker.journal import (
-    BuryMessage,
-    Change,
-    CountDelivery,
-    DeleteMessage,
-    ForgetKeys,
-    Journal,
-    MemoryJournal,
-    RecordResult,
-    Recovered,
-    RedriveMessage,
-    RememberKey,
-    StoreFormula,
-)
+from broker.journal import Journal, MemoryJournal
 from broker.queue import DeadLettered, MessageQueue, Redriven
 from broker.store import FormulaRecord, FormulaStore, pack_materials, pack_summary
 

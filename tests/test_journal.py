@@ -21,26 +21,23 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from broker.errors import DuplicateFormula
-from broker.formula import Material
-from broker.idempotency import Outcome, Remembered
-from broker.interface import FormulaView, Submission
-from broker.journal import (
+from broker.changes import (
     BuryMessage,
     Change,
     CountDelivery,
     DeleteMessage,
     ForgetKeys,
-    JournalError,
-    MemoryJournal,
     RecordResult,
     RecoveredMessage,
     RedriveMessage,
     RememberKey,
-    SqliteJournal,
     StoreFormula,
-    open_journal,
 )
+from broker.errors import DuplicateFormula
+from broker.formula import Material
+from broker.idempotency import Outcome, Remembered
+from broker.interface import FormulaView, Submission
+from broker.journal import JournalError, MemoryJournal, SqliteJournal, open_journal
 from broker.store import FormulaRecord, pack_materials, pack_summary
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -481,7 +478,8 @@ import sys
 sys.path.insert(0, sys.argv[1])
 from decimal import Decimal
 from broker.formula import Material
-from broker.journal import SqliteJournal, StoreFormula
+from broker.changes import StoreFormula
+from broker.journal import SqliteJournal
 from broker.store import FormulaRecord
 
 journal = SqliteJournal(sys.argv[2])

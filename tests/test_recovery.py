@@ -12,10 +12,11 @@ from typing import Any
 
 import pytest
 
+from broker.changes import Change, StoreFormula
 from broker.errors import DuplicateFormula, StorageFailed
 from broker.formula import FormulaDraft, parse_formula
 from broker.interface import IdempotencyKey
-from broker.journal import Change, SqliteJournal, StoreFormula
+from broker.journal import SqliteJournal
 from broker.queue import MessageQueue
 from broker.service import Broker
 from tests.conftest import FakeClock
