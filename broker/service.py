@@ -265,26 +265,21 @@ class Broker:
             now = self._wall_clock()
             if self._keys.expire(now):
                 self._keys_expired = True
-            step = _Step()
-            try:
-                outcomes = [self._admit(draft, key, now, step) for draft, key in requests]
-            except BaseException:
-                step.undo()
-                raise
-            try:
-                self._write(step.changes, now)
-            except StorageFailed as failed:
-                step.undo()
-                if len(requests) == 1:
-                    return [failed]
-                return [self._submit_alone(request, now) for request in requests]
-            self._settle_submits(step)
-            return outcomes
+            outcomes = self._admit_and_write(requests, now)
+            if not isinstance(outcomes, StorageFailed):
+                return outcomes
+            if len(requests) == 1:
+                return [outcomes]
+            alone = [self._admit_and_write([request], now) for request in requests]
+            return [each if isinstance(each, StorageFailed) else each[0] for each in alone]
 
-    def _submit_alone(self, request: SubmitRequest, now: float) -> Submission | BaseException:
+    def _admit_and_write(
+        self, requests: Sequence[SubmitRequest], now: float
+    ) -> list[Submission | BaseException] | StorageFailed:
+        """Admit ``requests`` and journal them in one write, or keep nothing of them."""
         step = _Step()
         try:
-            outcome = self._admit(*request, now, step)
+            outcomes = [self._admit(draft, key, now, step) for draft, key in requests]
         except BaseException:
             step.undo()
             raise
@@ -294,7 +289,7 @@ class Broker:
             step.undo()
             return failed
         self._settle_submits(step)
-        return outcome
+        return outcomes
 
     def _settle_submits(self, step: _Step) -> None:
         self._submitted += step.submitted

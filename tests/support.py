@@ -25,6 +25,16 @@ from typing import Any, TypeVar
 ROOT = Path(__file__).resolve().parent.parent
 T = TypeVar("T")
 
+# The SPEC's example formula.
+SUMMER = {
+    "name": "Summer Breeze",
+    "materials": [
+        {"name": "Bergamot Oil", "concentration": 15.5},
+        {"name": "Lavender Absolute", "concentration": 10.0},
+        {"name": "Sandalwood", "concentration": 5.2},
+    ],
+}
+
 
 def wait_for(
     condition: Callable[[], T], *, timeout: float = 15.0, interval: float = 0.02, what: str = ""

@@ -18,15 +18,7 @@ from api.app import create_app
 from broker.errors import BrokerUnavailable
 from broker.formula import MAX_BODY_BYTES
 from broker.service import Broker
-
-SUMMER = {
-    "name": "Summer Breeze",
-    "materials": [
-        {"name": "Bergamot Oil", "concentration": 15.5},
-        {"name": "Lavender Absolute", "concentration": 10.0},
-        {"name": "Sandalwood", "concentration": 5.2},
-    ],
-}
+from tests.support import SUMMER
 
 
 @pytest.fixture

@@ -6,10 +6,11 @@ import json
 import signal
 import socket
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 
-from tests.support import running_stack, wait_for
+from tests.support import Process, Stack, running_stack, wait_for
 
 pytestmark = pytest.mark.processes
 
@@ -18,6 +19,20 @@ FAST_RETRIES = ("--retry-base", "0.05", "--retry-cap", "0.2")
 
 def formula(tag: str) -> dict[str, object]:
     return {"name": tag, "materials": [{"name": f"Material {tag}", "concentration": 2.5}]}
+
+
+def start_gated_worker(stack: Stack, *args: str) -> tuple[Process, Path]:
+    """A worker whose handler (``tests.handlers:gated``) holds each message until ``gate/open``."""
+    gate = stack.env.directory / "gate"
+    gate.mkdir()
+    worker = stack.start_worker(
+        *args, FORMULARY_HANDLER="tests.handlers:gated", FORMULARY_TEST_GATE=str(gate)
+    )
+    return worker, gate
+
+
+def wait_for_handler(gate: Path, formula_id: str) -> None:
+    wait_for(lambda: (gate / f"started-{formula_id}").exists(), what="the handler to start")
 
 
 def test_200_formulas_posted_concurrently_are_each_processed_exactly_once() -> None:
@@ -43,13 +58,9 @@ def test_200_formulas_posted_concurrently_are_each_processed_exactly_once() -> N
 
 def test_a_worker_killed_while_holding_a_message_does_not_lose_it() -> None:
     with running_stack(FORMULARY_VISIBILITY_TIMEOUT="2") as stack:
-        gate = stack.env.directory / "gate"
-        gate.mkdir()
-        doomed = stack.start_worker(
-            FORMULARY_HANDLER="tests.handlers:gated", FORMULARY_TEST_GATE=str(gate)
-        )
+        doomed, gate = start_gated_worker(stack)
         created = stack.http.post_json("/formulas", formula("kill-me")).json()
-        wait_for(lambda: (gate / f"started-{created['id']}").exists(), what="the handler to start")
+        wait_for_handler(gate, created["id"])
         doomed.kill()
         stack.start_worker()  # the default handler
         client = stack.client()
@@ -80,13 +91,9 @@ def test_a_handler_that_always_fails_dead_letters_and_a_redrive_processes_it() -
 
 def test_sigterm_lets_the_handler_finish_and_ack_then_exits_0() -> None:
     with running_stack() as stack:
-        gate = stack.env.directory / "gate"
-        gate.mkdir()
-        worker = stack.start_worker(
-            FORMULARY_HANDLER="tests.handlers:gated", FORMULARY_TEST_GATE=str(gate)
-        )
+        worker, gate = start_gated_worker(stack)
         created = stack.http.post_json("/formulas", formula("graceful")).json()
-        wait_for(lambda: (gate / f"started-{created['id']}").exists(), what="the handler to start")
+        wait_for_handler(gate, created["id"])
         worker.signal(signal.SIGTERM)
         (gate / "open").touch()
         assert worker.wait(30) == 0
@@ -99,13 +106,9 @@ def test_sigterm_lets_the_handler_finish_and_ack_then_exits_0() -> None:
 
 def test_a_handler_still_running_past_the_grace_period_is_released_and_the_worker_exits_0() -> None:
     with running_stack() as stack:  # leases of 30 s: only a release brings it back sooner
-        gate = stack.env.directory / "gate"
-        gate.mkdir()
-        stuck = stack.start_worker(
-            "--grace", "1", FORMULARY_HANDLER="tests.handlers:gated", FORMULARY_TEST_GATE=str(gate)
-        )
+        stuck, gate = start_gated_worker(stack, "--grace", "1")
         created = stack.http.post_json("/formulas", formula("stuck")).json()
-        wait_for(lambda: (gate / f"started-{created['id']}").exists(), what="the handler to start")
+        wait_for_handler(gate, created["id"])
         stuck.signal(signal.SIGTERM)
         assert stuck.wait(30) == 0
         stack.start_worker()

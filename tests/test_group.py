@@ -81,6 +81,7 @@ def test_when_apply_raises_every_caller_of_the_group_gets_the_error() -> None:
 
     group: GroupCommit[int, int] = GroupCommit(broken)
     results = run_in_threads(group, [1, 2, 3])
+    assert len(results) == 3
     assert all(isinstance(outcome, RuntimeError) for outcome in results.values())
     # The next caller leads a group of its own: nothing is stuck.
     with pytest.raises(RuntimeError):

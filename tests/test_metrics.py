@@ -25,16 +25,8 @@ from api.app import create_app
 from api.middleware import logfmt
 from broker.errors import BrokerUnavailable
 from broker.service import Broker
-from tests.support import Stack, running_stack, wait_for
+from tests.support import SUMMER, Stack, running_stack, wait_for
 
-SUMMER = {
-    "name": "Summer Breeze",
-    "materials": [
-        {"name": "Bergamot Oil", "concentration": 15.5},
-        {"name": "Lavender Absolute", "concentration": 10.0},
-        {"name": "Sandalwood", "concentration": 5.2},
-    ],
-}
 TWIN = {
     "name": "Winter",
     "materials": [

@@ -12,18 +12,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from tests.support import Stack, running_stack, wait_for
+from tests.support import SUMMER, Stack, running_stack, wait_for
 
 pytestmark = pytest.mark.processes
-
-SUMMER = {
-    "name": "Summer Breeze",
-    "materials": [
-        {"name": "Bergamot Oil", "concentration": 15.5},
-        {"name": "Lavender Absolute", "concentration": 10.0},
-        {"name": "Sandalwood", "concentration": 5.2},
-    ],
-}
 
 
 @pytest.fixture(scope="module")
