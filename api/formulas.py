@@ -9,8 +9,9 @@ import falcon
 from api.problems import Problem, invalid
 from api.representation import dumps, formula_location
 from broker.errors import FieldError
-from broker.formula import MAX_BODY_BYTES, canonical_json, parse_json, validate_formula
+from broker.formula import canonical_json, validate_formula
 from broker.interface import IdempotencyKey, SubmissionBroker
+from broker.strict_json import MAX_BODY_BYTES, parse_json
 
 DEFAULT_LIMIT = 50
 MAX_LIMIT = 500

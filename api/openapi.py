@@ -18,13 +18,8 @@ from api.formulas import DEFAULT_LIMIT, MAX_CURSOR_LENGTH, MAX_KEY_LENGTH, MAX_L
 from api.middleware import MAX_REQUEST_ID_LENGTH, REQUEST_ID_HEADER
 from api.problems import PROBLEM_JSON
 from api.representation import dumps
-from broker.formula import (
-    MAX_BODY_BYTES,
-    MAX_DECIMAL_PLACES,
-    MAX_DEPTH,
-    MAX_MATERIALS,
-    MAX_NAME_LENGTH,
-)
+from broker.formula import MAX_DECIMAL_PLACES, MAX_MATERIALS, MAX_NAME_LENGTH
+from broker.strict_json import MAX_BODY_BYTES, MAX_DEPTH
 
 VERSION = "0.1.0"
 JSON = falcon.MEDIA_JSON

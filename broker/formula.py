@@ -1,15 +1,17 @@
-"""The formula model: reading a submitted body, its rules, and its canonical form.
+"""The formula model: its rules, a material's identity, and its canonical form.
 
-A body goes through two steps. :func:`parse_json` turns bytes into plain JSON
-values (every number an exact :class:`~decimal.Decimal`) or refuses them as a
-whole; :func:`validate_formula` checks every rule of SPEC "Data" on the result,
-collects every problem, and builds a :class:`FormulaDraft` whose
-:attr:`~FormulaDraft.fingerprint` is the formula's identity.
+A body goes through two steps. :func:`broker.strict_json.parse_json` turns
+bytes into plain JSON values (every number an exact :class:`~decimal.Decimal`)
+or refuses them as a whole; :func:`validate_formula` checks every rule of SPEC
+"Data" on the result, collects every problem, and builds a
+:class:`FormulaDraft` whose :attr:`~FormulaDraft.fingerprint` is the formula's
+identity. :func:`parse_formula` does both. :func:`canonical_json` writes a
+parsed document as one text per value; it lives here because its numbers are
+written by :func:`canonical_decimal`.
 
-Cost: every step is linear in the size of the body. The depth check is a pair
-of regular-expression passes and a running sum, so nothing recurses deeper
-than :data:`MAX_DEPTH`; the key-set, name and number checks touch each value
-once. A 64 KiB body validates in a few milliseconds.
+Cost: validation is linear in the size of the document: the key-set, name and
+number checks touch each value once. A 64 KiB body validates in a few
+milliseconds.
 
 Field paths in errors are ``body`` for the document itself, ``name``,
 ``materials``, ``materials[0]`` (indexes count from 0), ``materials[0].name``
@@ -26,13 +28,11 @@ import re
 import unicodedata
 from collections.abc import Iterable
 from dataclasses import dataclass
-from decimal import Context, Decimal, InvalidOperation
-from itertools import accumulate
+from decimal import Context, Decimal
 
 from broker.errors import FieldError, InvalidFormula
+from broker.strict_json import parse_json, repeated_keys
 
-MAX_BODY_BYTES = 65536
-MAX_DEPTH = 32
 MAX_NAME_LENGTH = 200
 MAX_MATERIALS = 500
 MAX_DECIMAL_PLACES = 6
@@ -47,12 +47,6 @@ _FINGERPRINT_TAG = b"formulary.fingerprint.v1\n"
 # json.dumps with options builds an encoder per call; this one is made once.
 _FINGERPRINT_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
 
-# Only InvalidOperation matters here: it is how the Decimal constructor
-# refuses an exponent beyond what the decimal module can hold. Passing this
-# context explicitly keeps the caller's thread context (which might not trap,
-# and would then hand back NaN) out of parsing.
-_NUMBER_CONTEXT = Context(traps=[InvalidOperation])
-
 # Valid addends have at most 9 significant digits (100.000000) and no more than
 # 6 places, and 500 of them add up to at most 50000.000000, so 64 digits keeps
 # every partial sum exact whatever the caller's own context says.
@@ -63,17 +57,9 @@ _SUM_CONTEXT = Context(prec=64)
 # gigabyte of digits.
 _PLAIN_EXPONENT_LIMIT = 32
 
-# A JSON string with its escapes. The closing quote is optional so that an
-# unterminated string ends the match rather than failing it: a failure would
-# make the engine retry from every later quote, which is quadratic.
-_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"?', re.DOTALL)
-_NOT_BRACKET = re.compile(r"[^\[\]{}]+")
-_BRACKET_STEP = {"[": 1, "{": 1, "]": -1, "}": -1}
-
 _SURROGATE = re.compile(r"[\ud800-\udfff]")
 # Exactly the code points of Unicode general category Cc (a stable set).
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
-_JSON_WHITESPACE = " \t\n\r"
 _QUOTE_LIMIT = 40
 
 
@@ -107,107 +93,6 @@ class FormulaDraft:
         return (FormulaDraft, (self.name, self.materials, self.fingerprint))
 
 
-class _Rejected(Exception):
-    """A problem found inside a ``json.loads`` callback, carried out to parse_json."""
-
-
-class _Object(dict[str, object]):
-    """A JSON object whose text repeated keys.
-
-    ``json.loads`` has no path to report them at, so they ride along on the
-    object (last value wins, as in ``json``) and validate_formula reports them
-    where it meets the object. Objects without repeats stay plain dicts.
-    """
-
-    __slots__ = ("duplicates",)
-
-    def __init__(self, pairs: list[tuple[str, object]], duplicates: tuple[str, ...]) -> None:
-        super().__init__(pairs)
-        self.duplicates = duplicates
-
-
-def _make_object(pairs: list[tuple[str, object]]) -> dict[str, object]:
-    document = dict(pairs)
-    if len(document) == len(pairs):
-        return document
-    seen: set[str] = set()
-    duplicates: dict[str, None] = {}  # ordered set: each repeated key once
-    for key, _ in pairs:
-        if key in seen:
-            duplicates[key] = None
-        seen.add(key)
-    return _Object(pairs, tuple(duplicates))
-
-
-def _parse_number(text: str) -> Decimal:
-    try:
-        return Decimal(text, _NUMBER_CONTEXT)
-    except InvalidOperation:
-        raise _Rejected("has a number whose exponent is out of range") from None
-
-
-def _reject_constant(name: str) -> object:
-    raise _Rejected(f"{name} is not a JSON number")
-
-
-def _body_error(message: str) -> InvalidFormula:
-    return InvalidFormula((FieldError("body", message),))
-
-
-def _nesting_depth(text: str) -> int:
-    """The deepest bracket nesting outside strings; linear, never recursive.
-
-    For invalid JSON the figure may be off, but json.loads then stops at the
-    first bad token before it has nested any deeper than the text up to it.
-    """
-    brackets = _NOT_BRACKET.sub("", _STRING.sub("", text))
-    return max(accumulate(map(_BRACKET_STEP.__getitem__, brackets)), default=0)
-
-
-def parse_json(body: bytes) -> object:
-    """Parse a request body into JSON values, every number an exact Decimal.
-
-    Objects are dicts, arrays lists, numbers Decimals (integers too, so no
-    digit limit applies), and ``true``/``false``/``null`` bools and None.
-    Repeated keys are not an error here: validate_formula reports them at the
-    object's path. Anything else wrong (more than MAX_BODY_BYTES, not strict
-    UTF-8, empty, nested deeper than MAX_DEPTH, not JSON, ``NaN`` or
-    ``Infinity``, an exponent out of range) raises InvalidFormula with one
-    ``body`` error. No other exception escapes, whatever the bytes.
-    """
-    if len(body) > MAX_BODY_BYTES:
-        raise _body_error(f"is larger than {MAX_BODY_BYTES} bytes")
-    try:
-        text = body.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise _body_error(f"is not valid UTF-8 (byte {exc.start})") from None
-    if not text.strip(_JSON_WHITESPACE):
-        raise _body_error("is empty")
-    # Fewer opening brackets than the limit, in strings or not, cannot nest
-    # past it: the usual body skips the scan.
-    openings = text.count("[") + text.count("{")
-    if openings > MAX_DEPTH and _nesting_depth(text) > MAX_DEPTH:
-        raise _body_error(f"is nested more than {MAX_DEPTH} levels deep")
-    try:
-        return json.loads(
-            text,
-            parse_float=_parse_number,
-            parse_int=_parse_number,
-            parse_constant=_reject_constant,
-            object_pairs_hook=_make_object,
-        )
-    except _Rejected as exc:
-        raise _body_error(str(exc)) from None
-    except json.JSONDecodeError as exc:
-        raise _body_error(
-            f"is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
-        ) from None
-    except (ValueError, ArithmeticError, RecursionError):
-        # Not expected after the checks above; kept so that a surprise in
-        # the json module still becomes a 400 rather than a 500.
-        raise _body_error("is not valid JSON") from None
-
-
 def validate_formula(document: object) -> FormulaDraft:
     """Check every rule of SPEC "Data" and build the draft.
 
@@ -215,7 +100,7 @@ def validate_formula(document: object) -> FormulaDraft:
     with the concentrations' sum last.
     """
     if not isinstance(document, dict):
-        raise _body_error(f"must be a JSON object, not {_kind(document)}")
+        raise InvalidFormula((FieldError("body", f"must be a JSON object, not {_kind(document)}"),))
     errors: list[FieldError] = []
     _check_keys(document, "body", _FORMULA_KEYS, errors)
     name = _check_name(document["name"], "name", errors) if "name" in document else None
@@ -245,8 +130,7 @@ def _check_keys(
 ) -> None:
     if type(document) is dict and document.keys() == set(expected):
         return  # the usual case, without building three generators
-    if isinstance(document, _Object):
-        errors.extend(FieldError(path, f"repeats key {_quote(key)}") for key in document.duplicates)
+    errors.extend(FieldError(path, f"repeats key {_quote(key)}") for key in repeated_keys(document))
     errors.extend(
         FieldError(path, f"has unknown key {_quote(key)}")
         for key in document

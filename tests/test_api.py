@@ -16,7 +16,7 @@ import pytest
 
 from api.app import create_app
 from broker.errors import BrokerUnavailable
-from broker.formula import MAX_BODY_BYTES
+from broker.strict_json import MAX_BODY_BYTES
 from broker.service import Broker
 from tests.support import SUMMER
 
