@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Iterator
+from dataclasses import fields
 
 import falcon
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram
@@ -55,28 +56,6 @@ REJECTION_REASONS = {400: "validation", 413: "body_too_large", 415: "unsupported
 for _reason in REJECTION_REASONS.values():
     REJECTED_BODIES.labels(_reason)  # exported as 0 from the start, not only after one
 
-# (BrokerStats field, metric name, help); counters get "_total" when written.
-_GAUGES = (
-    ("formulas", "broker_formulas", "Formulas stored."),
-    ("depth", "broker_queue_depth", "Messages ready to be delivered."),
-    ("in_flight", "broker_in_flight", "Messages leased to a consumer and not yet acked."),
-    ("delayed", "broker_delayed", "Messages waiting out a nack delay."),
-    ("dead", "broker_dead_letters", "Messages in the dead-letter queue."),
-)
-_COUNTERS = (
-    ("submitted", "broker_submitted", "Submits that stored a new formula."),
-    ("duplicates", "broker_duplicates", "Submits refused as a known make-up (409)."),
-    ("refused_capacity", "broker_refused_capacity", "Submits refused by a full queue (503)."),
-    ("published", "broker_published", "Messages published."),
-    ("delivered", "broker_delivered", "Deliveries to consumers, redeliveries included."),
-    ("redelivered", "broker_redelivered", "Deliveries of a message delivered before."),
-    ("acked", "broker_acked", "Messages acked."),
-    ("nacked", "broker_nacked", "Messages nacked."),
-    ("dead_lettered", "broker_dead_lettered", "Messages moved to the dead-letter queue."),
-    ("redriven", "broker_redriven", "Dead letters redriven."),
-    ("processed", "broker_processed", "Formulas whose handler result was recorded."),
-)
-
 
 class BrokerCollector(Collector):
     """The broker's ``stats()`` as metrics, read when scraped (one broker call)."""
@@ -101,10 +80,15 @@ def _up(value: int) -> GaugeMetricFamily:
 
 
 def _broker_metrics(stats: BrokerStats) -> Iterator[Metric]:
-    for field, name, text in _GAUGES:
-        yield GaugeMetricFamily(f"{NAMESPACE}_{name}", text, value=getattr(stats, field))
-    for field, name, text in _COUNTERS:
-        yield CounterMetricFamily(f"{NAMESPACE}_{name}", text, value=getattr(stats, field))
+    # Each BrokerStats field names its metric, kind and help; counters get
+    # "_total" when written.
+    for field in fields(stats):
+        family = _FAMILIES[field.metadata["kind"]]
+        name, text = field.metadata["metric"], field.metadata["help"]
+        yield family(f"{NAMESPACE}_{name}", text, value=getattr(stats, field.name))
+
+
+_FAMILIES = {"gauge": GaugeMetricFamily, "counter": CounterMetricFamily}
 
 
 def multiprocess_dir() -> str | None:

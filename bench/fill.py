@@ -2,7 +2,7 @@
 
 ``python -m bench.fill PATH N [--state processed|queued]``
 
-Builds ``broker.service.Broker`` on ``broker.journal.SqliteJournal(PATH)`` in
+Builds the embedded engine (``EmbeddedBroker`` on ``SqliteJournal(PATH)``) in
 this process and submits N three-material drafts (made directly, without
 parsing JSON). With ``--state processed`` (the default: the steady state of a
 system whose workers keep up) each is also received and completed with the
@@ -24,10 +24,10 @@ from collections.abc import Sequence
 from decimal import Decimal
 from pathlib import Path
 
-from broker.changes import Change, Recovered
+from broker.engines.embedded import EmbeddedBroker
+from broker.engines.embedded.changes import Change, Recovered
+from broker.engines.embedded.journal import SqliteJournal
 from broker.formula import FormulaDraft, Material, fingerprint
-from broker.journal import SqliteJournal
-from broker.service import Broker
 from worker.handlers import summarise
 
 log = logging.getLogger(__name__)
@@ -72,7 +72,7 @@ def draft(i: int) -> FormulaDraft:
     return FormulaDraft(f"Formula {i:07d}", materials, fingerprint(materials))
 
 
-def _process_all(broker: Broker) -> int:
+def _process_all(broker: EmbeddedBroker) -> int:
     done = 0
     while deliveries := broker.receive("bench-fill", 100):
         for delivery in deliveries:
@@ -86,7 +86,7 @@ def fill(path: Path, count: int, *, processed: bool = True) -> float:
     """Store ``count`` formulas in the journal at ``path``; the seconds it took."""
     started = time.monotonic()
     journal = GroupedJournal(SqliteJournal(path))
-    broker = Broker(queue_capacity=max(count, 1) + CHUNK, journal=journal)
+    broker = EmbeddedBroker(queue_capacity=max(count, 1) + CHUNK, journal=journal)
     try:
         for start in range(0, count, CHUNK):
             for i in range(start, min(count, start + CHUNK)):

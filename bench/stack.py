@@ -212,7 +212,7 @@ class Stack:
         )
         self.broker = broker
         broker.start()
-        probe = BrokerClient(self.settings(), connect_timeout=1.0)
+        probe = BrokerClient(self.settings())
 
         def answers() -> bool:
             broker.check_alive()

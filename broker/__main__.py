@@ -13,16 +13,15 @@ from pathlib import Path
 from types import FrameType
 
 from broker.admin import AdminCommands, AdminServer
-from broker.journal import JournalError, open_journal
-from broker.manager import make_server
-from broker.service import Broker
+from broker.engines import EngineError, open_engine
 from broker.settings import Settings, SettingsError
+from broker.transport import make_server
 
 log = logging.getLogger("broker")
 
 EXIT_OK = 0
 EXIT_CONFIG = 2
-EXIT_DATA = 3  # the journal cannot be used: never start fresh over it
+EXIT_DATA = 3  # the engine's state cannot be used: never start fresh over it
 
 
 def parse_args(argv: list[str] | None, settings: Settings) -> Settings:
@@ -30,7 +29,9 @@ def parse_args(argv: list[str] | None, settings: Settings) -> Settings:
     parser.add_argument(
         "--address", help="Unix socket path or host:port (FORMULARY_BROKER_ADDRESS)"
     )
-    parser.add_argument("--data", help="SQLite journal path or :memory: (FORMULARY_DATA)")
+    parser.add_argument(
+        "--data", help="the engine: a journal file path or :memory: (FORMULARY_DATA)"
+    )
     parser.add_argument(
         "--admin-socket", type=Path, help="admin socket path (FORMULARY_ADMIN_SOCKET)"
     )
@@ -56,15 +57,9 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s [%(process)d] %(message)s",
     )
     try:
-        broker = Broker(
-            queue_capacity=settings.queue_capacity,
-            visibility_timeout=settings.visibility_timeout,
-            max_deliveries=settings.max_deliveries,
-            idempotency_ttl=settings.idempotency_ttl,
-            journal=open_journal(settings.data),
-        )
-    except JournalError as exc:
-        log.error("cannot use the journal: %s", exc)
+        broker = open_engine(settings)
+    except EngineError as exc:
+        log.error("cannot use the state: %s", exc)
         return EXIT_DATA
     # What was recovered lives as long as the process: keep it out of every
     # garbage collection (a full one over millions of objects stalls submits).
@@ -92,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     log.info(
-        "broker serving on %s, admin socket %s, journal %s (pid %d)",
+        "broker serving on %s, admin socket %s, data %s (pid %d)",
         settings.broker_address,
         settings.admin_socket,
         settings.data,

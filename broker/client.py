@@ -1,47 +1,48 @@
 """Talking to the broker process from another process.
 
-``BrokerClient`` satisfies ``SubmissionBroker`` and ``ConsumerBroker``. It
-connects lazily, on the first call, so a client made before ``os.fork`` (as
-gunicorn forks) is never shared: each process makes its own connection. When
-the broker goes away it raises ``BrokerUnavailable`` and connects afresh on the
-next call, so callers recover by themselves once the broker is back.
+``BrokerClient`` offers every method of ``broker.interface.Broker``: each one
+named in ``METHODS`` is made here as a remote call, so the list is never
+written out again. It connects lazily, on a thread's first call, so a client
+made before ``os.fork`` (as gunicorn forks) is never shared: each process and
+each thread makes its own connection. When the broker goes away it raises
+``BrokerUnavailable`` and connects afresh on the next call, so callers
+recover by themselves once the broker is back.
 
-Retries. A call whose request may have reached the broker is retried only
-when repeating it is harmless (reads). A write (``submit``, ``complete``,
-``ack``...) is retried only when the request cannot have been sent: the
-connection was refused, or the socket was already closed when we wrote to it.
-Otherwise the caller gets ``BrokerUnavailable`` and decides (the API answers
-503; an ``Idempotency-Key`` makes the client's retry safe).
+Retries. A call whose request may have reached the broker is sent again only
+when the method is ``read_only``. Any other call is sent again only when the
+request cannot have been sent: the connection was refused, or the socket was
+already closed when we wrote to it. Otherwise the caller gets
+``BrokerUnavailable`` and decides (the API answers 503; an
+``Idempotency-Key`` makes the client's retry safe).
+
+Submits share round trips: the submits this process's threads make while one
+``submit_many`` is under way wait for it to end and go together in the next
+(``broker.group``), each still its own atomic step with its own answer.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from multiprocessing import AuthenticationError
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
-from broker.errors import BrokerUnavailable, FormularyError
+from broker.errors import BrokerUnavailable
 from broker.formula import FormulaDraft
 from broker.group import GroupCommit
 from broker.interface import (
-    BrokerStats,
-    Delivery,
-    FormulaPage,
-    FormulaView,
+    METHODS,
     IdempotencyKey,
-    MessageInfo,
     Submission,
+    SubmitOutcome,
+    SubmitRequest,
 )
-from broker.manager import AuthkeyError, BrokerManager, BrokerProxy, read_authkey
 from broker.settings import Settings
+from broker.transport import AuthkeyError, BrokerConnection, read_authkey
 
 log = logging.getLogger(__name__)
-
-T = TypeVar("T")
 
 # Raised while connecting, or when writing to a socket the broker closed:
 # the request was not delivered.
@@ -53,172 +54,96 @@ _CONNECTION_LOST = (OSError, EOFError)
 class BrokerClient:
     """A broker in another process, reached over the manager protocol."""
 
-    def __init__(self, settings: Settings, *, connect_timeout: float = 5.0) -> None:
+    def __init__(self, settings: Settings) -> None:
         self._settings = settings
-        self._connect_timeout = connect_timeout
         self._local = threading.local()
         self._pid = os.getpid()
-        self._submits = GroupCommit(self.submit_many)
-
-    # -- SubmissionBroker ------------------------------------------------------
-
-    def ping(self) -> bool:
-        return self._call(lambda b: b.ping(), idempotent=True)
+        self._submits: GroupCommit[SubmitRequest, Submission] = GroupCommit(self._submit_group)
 
     def submit(self, draft: FormulaDraft, idempotency: IdempotencyKey | None = None) -> Submission:
-        # The submits this process's threads make while one round trip is
-        # under way wait for it to end and go together in the next one
-        # (``submit_many``): fewer round trips and larger journal groups for
-        # the broker, each submit still its own atomic step and answer.
         self._after_fork()
         return self._submits((draft, idempotency))
 
-    def submit_many(
-        self, requests: Sequence[tuple[FormulaDraft, IdempotencyKey | None]]
-    ) -> list[Submission | FormularyError]:
-        """One round trip for several submits; see ``Broker.submit_many``."""
-        return self._call(lambda b: b.submit_many(requests), idempotent=False)
+    def _submit_group(self, requests: Sequence[SubmitRequest]) -> list[SubmitOutcome]:
+        outcomes: list[SubmitOutcome] = self.call("submit_many", requests)
+        return outcomes
 
-    def get_formula(self, formula_id: str) -> FormulaView:
-        return self._call(lambda b: b.get_formula(formula_id), idempotent=True)
-
-    def get_formulas(self, formula_ids: Sequence[str]) -> list[FormulaView | None]:
-        return self._call(lambda b: b.get_formulas(formula_ids), idempotent=True)
-
-    def list_formulas(self, limit: int, cursor: str | None = None) -> FormulaPage:
-        return self._call(lambda b: b.list_formulas(limit, cursor), idempotent=True)
-
-    def stats(self) -> BrokerStats:
-        return self._call(lambda b: b.stats(), idempotent=True)
-
-    # -- ConsumerBroker --------------------------------------------------------
-
-    def receive(
-        self,
-        consumer: str,
-        max_messages: int = 1,
-        visibility_timeout: float | None = None,
-        wait_seconds: float = 0.0,
-    ) -> list[Delivery]:
-        return self._call(
-            lambda b: b.receive(consumer, max_messages, visibility_timeout, wait_seconds),
-            idempotent=False,
-        )
-
-    def complete(self, receipt: str, summary: Mapping[str, Any]) -> bool:
-        return self._call(lambda b: b.complete(receipt, summary), idempotent=False)
-
-    def complete_many(self, results: Sequence[tuple[str, Mapping[str, Any]]]) -> list[str]:
-        return self._call(lambda b: b.complete_many(results), idempotent=False)
-
-    def ack(self, receipt: str) -> bool:
-        return self._call(lambda b: b.ack(receipt), idempotent=False)
-
-    def nack(self, receipt: str, delay: float = 0.0) -> None:
-        self._call(lambda b: b.nack(receipt, delay), idempotent=False)
-
-    def extend(self, receipt: str, seconds: float) -> float:
-        return self._call(lambda b: b.extend(receipt, seconds), idempotent=False)
-
-    # -- operators -------------------------------------------------------------
-
-    def dead_letters(self, limit: int | None = None) -> list[MessageInfo]:
-        return self._call(lambda b: b.dead_letters(limit), idempotent=True)
-
-    def redrive(self, message_id: str) -> None:
-        self._call(lambda b: b.redrive(message_id), idempotent=False)
-
-    def redrive_all(self) -> int:
-        return self._call(lambda b: b.redrive_all(), idempotent=False)
-
-    def message_info(self, message_id: str) -> MessageInfo:
-        return self._call(lambda b: b.message_info(message_id), idempotent=True)
-
-    # -- connection ------------------------------------------------------------
-
-    def close(self) -> None:
-        """Forget this thread's connection (the next call makes a new one)."""
-        proxy: BrokerProxy | None = getattr(self._local, "proxy", None)
-        if proxy is not None:
-            _forget_connection(proxy)
-        self._local.proxy = None
-
-    def _call(self, method: Callable[[BrokerProxy], T], *, idempotent: bool) -> T:
+    def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        """``method`` on the broker, reconnecting and retrying as the module says."""
         for attempt in (1, 2):
-            proxy = self._proxy()
+            connection = self._connection()
             try:
-                return method(proxy)
+                return connection.call(method, args, kwargs)
             except _NOT_SENT as exc:
                 self._drop(exc)
                 if attempt == 2:
                     raise BrokerUnavailable(_describe(exc)) from None
             except _CONNECTION_LOST as exc:
                 self._drop(exc)
-                if attempt == 2 or not idempotent:
+                if attempt == 2 or not METHODS[method]:
                     raise BrokerUnavailable(_describe(exc)) from None
         raise AssertionError("unreachable")
+
+    def close(self) -> None:
+        """Close this thread's connection (its next call makes a new one)."""
+        connection: BrokerConnection | None = getattr(self._local, "connection", None)
+        if connection is not None:
+            connection.close()
+        self._local.connection = None
+
+    if TYPE_CHECKING:
+        # The remote methods are made below, from METHODS; to a type checker
+        # the client is whatever Protocol of broker.interface it is used as.
+        def __getattr__(self, name: str) -> Callable[..., Any]: ...
 
     def _after_fork(self) -> None:
         if os.getpid() != self._pid:
             # Forked: the parent's connections, and any group it had under
             # way, belong to the parent.
             self._local = threading.local()
-            self._submits = GroupCommit(self.submit_many)
+            self._submits = GroupCommit(self._submit_group)
             self._pid = os.getpid()
 
-    def _proxy(self) -> BrokerProxy:
+    def _connection(self) -> BrokerConnection:
         self._after_fork()
-        proxy: BrokerProxy | None = getattr(self._local, "proxy", None)
-        if proxy is None:
-            proxy = self._connect()
-            self._local.proxy = proxy
-        return proxy
+        connection: BrokerConnection | None = getattr(self._local, "connection", None)
+        if connection is None:
+            connection = self._connect()
+            self._local.connection = connection
+        return connection
 
-    def _connect(self) -> BrokerProxy:
+    def _connect(self) -> BrokerConnection:
         try:
             authkey = read_authkey(self._settings)
         except AuthkeyError as exc:
             raise BrokerUnavailable(str(exc)) from None
-        manager = BrokerManager(address=self._settings.manager_address(), authkey=authkey)
         try:
-            manager.connect()
-            proxy: BrokerProxy = manager.broker()  # type: ignore[attr-defined]
-            _own_connection(proxy)
+            connection = BrokerConnection(self._settings.manager_address(), authkey)
         except AuthenticationError:
             raise BrokerUnavailable("the broker refused our authkey") from None
         except (*_NOT_SENT, *_CONNECTION_LOST) as exc:
             raise BrokerUnavailable(_describe(exc)) from None
         log.info("connected to broker at %s", self._settings.broker_address)
-        return proxy
+        return connection
 
     def _drop(self, exc: BaseException) -> None:
-        proxy: BrokerProxy | None = getattr(self._local, "proxy", None)
-        if proxy is not None:
+        if getattr(self._local, "connection", None) is not None:
             log.warning("lost the broker connection (%s); will reconnect", _describe(exc))
-            _forget_connection(proxy)
-        self._local.proxy = None
+        self.close()
 
 
-def _own_connection(proxy: BrokerProxy) -> None:
-    """Give ``proxy`` a connection of its own.
+def _remote(method: str) -> Callable[..., Any]:
+    def call(self: BrokerClient, *args: Any, **kwargs: Any) -> Any:
+        return self.call(method, *args, **kwargs)
 
-    BaseProxy keeps one connection per thread *per address*, shared by every
-    proxy for that address in the process, and keeps it after a call on it
-    fails. After a broker restart that shared socket is either dead, or has
-    been reconnected by another proxy to the *new* broker, where this proxy's
-    object id means nothing. A private slot makes each proxy's connection live
-    and die with the proxy.
-    """
-    proxy._tls = threading.local()  # type: ignore[attr-defined]
+    call.__name__ = call.__qualname__ = method
+    call.__doc__ = f"``{method}`` on the broker process (see ``broker.interface``)."
+    return call
 
 
-def _forget_connection(proxy: BrokerProxy) -> None:
-    """Close the proxy's connection (see ``_own_connection``)."""
-    connection = getattr(proxy._tls, "connection", None)  # type: ignore[attr-defined]
-    if connection is not None:
-        with contextlib.suppress(OSError):
-            connection.close()
-        del proxy._tls.connection  # type: ignore[attr-defined]
+for _method in METHODS:
+    if _method not in vars(BrokerClient):
+        setattr(BrokerClient, _method, _remote(_method))
 
 
 def _describe(exc: BaseException) -> str:

@@ -7,7 +7,7 @@ import pytest
 from _pytest.nodes import Item
 from _pytest.runner import CallInfo
 
-from broker.service import Broker
+from broker.engines.embedded import EmbeddedBroker
 
 
 class FakeClock:
@@ -34,9 +34,9 @@ def wall_clock() -> FakeClock:
 
 
 @pytest.fixture
-def broker(clock: FakeClock, wall_clock: FakeClock) -> Iterator[Broker]:
+def broker(clock: FakeClock, wall_clock: FakeClock) -> Iterator[EmbeddedBroker]:
     ids = (f"id-{n:06d}-padding-xyz" for n in itertools.count(1))
-    yield Broker(
+    yield EmbeddedBroker(
         queue_capacity=100,
         visibility_timeout=30.0,
         max_deliveries=3,

@@ -30,9 +30,9 @@ from broker.admin import (
     encode_reply,
     parse_command,
 )
+from broker.engines.embedded import EmbeddedBroker
 from broker.formula import FormulaDraft, parse_formula
 from broker.interface import FormulaView
-from broker.service import Broker
 from tests.support import ROOT, wait_for
 
 REPLY_TIMEOUT = 5.0
@@ -48,7 +48,7 @@ CEDAR = draft("Cedar", ("Cedarwood", "20"))
 IRIS = draft("Iris", ("Orris", "0.125"))
 
 
-def kill(broker: Broker, formula: FormulaView) -> None:
+def kill(broker: EmbeddedBroker, formula: FormulaView) -> None:
     """Make ``formula``'s message a dead letter (the broker allows one delivery)."""
     (delivery,) = broker.receive("test")
     assert delivery.formula_id == formula.id
@@ -56,13 +56,13 @@ def kill(broker: Broker, formula: FormulaView) -> None:
 
 
 @pytest.fixture
-def one_shot() -> Broker:
+def one_shot() -> EmbeddedBroker:
     """A broker that dead-letters a message on its first nack."""
-    return Broker(max_deliveries=1)
+    return EmbeddedBroker(max_deliveries=1)
 
 
 @pytest.fixture
-def commands(one_shot: Broker) -> AdminCommands:
+def commands(one_shot: EmbeddedBroker) -> AdminCommands:
     return AdminCommands(one_shot)
 
 
@@ -130,7 +130,7 @@ def test_commands_are_case_insensitive(commands: AdminCommands) -> None:
     assert commands.dispatch("PiNg") == {"ok": True, "pong": True}
 
 
-def test_stats_answers_the_gauges_and_every_total(one_shot: Broker) -> None:
+def test_stats_answers_the_gauges_and_every_total(one_shot: EmbeddedBroker) -> None:
     one_shot.submit(ROSE)
     reply = AdminCommands(one_shot).dispatch("stats")
     assert reply == {"ok": True, **asdict(one_shot.stats())}
@@ -139,7 +139,7 @@ def test_stats_answers_the_gauges_and_every_total(one_shot: Broker) -> None:
     assert reply["submitted"] == 1 and reply["published"] == 1
 
 
-def test_show_answers_the_formula_and_its_message_state(one_shot: Broker) -> None:
+def test_show_answers_the_formula_and_its_message_state(one_shot: EmbeddedBroker) -> None:
     formula = one_shot.submit(ROSE).formula
     reply = AdminCommands(one_shot).dispatch(f"show {formula.id}")
     assert reply["ok"] is True
@@ -162,7 +162,7 @@ def test_show_answers_the_formula_and_its_message_state(one_shot: Broker) -> Non
     assert reply["message"] == message and message["state"] == "ready"
 
 
-def test_show_also_finds_a_formula_by_its_message_id(one_shot: Broker) -> None:
+def test_show_also_finds_a_formula_by_its_message_id(one_shot: EmbeddedBroker) -> None:
     formula = one_shot.submit(ROSE).formula
     commands = AdminCommands(one_shot)
     assert commands.dispatch(f"show {formula.message_id}") == commands.dispatch(
@@ -170,7 +170,9 @@ def test_show_also_finds_a_formula_by_its_message_id(one_shot: Broker) -> None:
     )
 
 
-def test_show_answers_null_message_state_once_the_message_is_acked(one_shot: Broker) -> None:
+def test_show_answers_null_message_state_once_the_message_is_acked(
+    one_shot: EmbeddedBroker,
+) -> None:
     formula = one_shot.submit(IRIS).formula
     (delivery,) = one_shot.receive("test")
     one_shot.complete(delivery.receipt, {"total": Decimal("0.125")})
@@ -190,7 +192,7 @@ def test_show_of_an_unknown_id_or_without_one_is_an_error(commands: AdminCommand
     assert commands.dispatch("show a b") == {"ok": False, "error": "usage: show ID"}
 
 
-def test_dead_lists_dead_letters_oldest_first_up_to_n(one_shot: Broker) -> None:
+def test_dead_lists_dead_letters_oldest_first_up_to_n(one_shot: EmbeddedBroker) -> None:
     formulas = [one_shot.submit(d).formula for d in (ROSE, CEDAR, IRIS)]
     for formula in formulas:
         kill(one_shot, formula)
@@ -215,7 +217,9 @@ def test_dead_refuses_anything_but_a_positive_whole_number(commands: AdminComman
     assert reply["ok"] is False and "N must be a whole number" in reply["error"]
 
 
-def test_redrive_sends_one_dead_letter_back_by_message_or_formula_id(one_shot: Broker) -> None:
+def test_redrive_sends_one_dead_letter_back_by_message_or_formula_id(
+    one_shot: EmbeddedBroker,
+) -> None:
     rose, cedar = (one_shot.submit(d).formula for d in (ROSE, CEDAR))
     kill(one_shot, rose)
     kill(one_shot, cedar)
@@ -226,7 +230,7 @@ def test_redrive_sends_one_dead_letter_back_by_message_or_formula_id(one_shot: B
     assert one_shot.message_info(rose.message_id).state == "ready"
 
 
-def test_redrive_all_answers_how_many_went_back(one_shot: Broker) -> None:
+def test_redrive_all_answers_how_many_went_back(one_shot: EmbeddedBroker) -> None:
     for d in (ROSE, CEDAR):
         kill(one_shot, one_shot.submit(d).formula)
     commands = AdminCommands(one_shot)
@@ -234,7 +238,9 @@ def test_redrive_all_answers_how_many_went_back(one_shot: Broker) -> None:
     assert commands.dispatch("redrive all") == {"ok": True, "redriven": 0}
 
 
-def test_redrive_of_something_that_is_not_a_dead_letter_is_an_error(one_shot: Broker) -> None:
+def test_redrive_of_something_that_is_not_a_dead_letter_is_an_error(
+    one_shot: EmbeddedBroker,
+) -> None:
     live = one_shot.submit(ROSE).formula
     commands = AdminCommands(one_shot)
     for target in ("nope", live.id, live.message_id):
@@ -270,7 +276,7 @@ def test_an_unknown_command_or_extra_argument_is_an_error(commands: AdminCommand
     assert commands.dispatch("") == {"ok": False, "error": "empty command"}
 
 
-class BrokenBroker(Broker):
+class BrokenBroker(EmbeddedBroker):
     def stats(self) -> Any:
         raise RuntimeError("disk on fire")
 
@@ -297,7 +303,7 @@ def socket_path(directory: Path) -> Path:
 
 
 @pytest.fixture
-def server(one_shot: Broker, socket_path: Path) -> Iterator[AdminServer]:
+def server(one_shot: EmbeddedBroker, socket_path: Path) -> Iterator[AdminServer]:
     with AdminServer(socket_path, AdminCommands(one_shot)) as running:
         yield running
 
@@ -347,7 +353,7 @@ def connect() -> Iterator[Any]:
 
 
 def test_every_command_answers_in_turn_on_one_connection(
-    server: AdminServer, one_shot: Broker, connect: Any
+    server: AdminServer, one_shot: EmbeddedBroker, connect: Any
 ) -> None:
     rose, cedar = (one_shot.submit(d).formula for d in (ROSE, CEDAR))
     kill(one_shot, rose)
@@ -403,7 +409,7 @@ def test_silent_and_garbage_clients_do_not_stop_another_client(
 
 
 def test_a_client_beyond_the_connection_cap_is_told_and_closed(
-    one_shot: Broker, socket_path: Path, connect: Any
+    one_shot: EmbeddedBroker, socket_path: Path, connect: Any
 ) -> None:
     with AdminServer(socket_path, AdminCommands(one_shot), max_connections=2) as server:
         first = connect(server.path)
@@ -421,7 +427,7 @@ def test_a_client_beyond_the_connection_cap_is_told_and_closed(
 
 
 def test_an_idle_client_is_told_and_hung_up_on(
-    one_shot: Broker, socket_path: Path, connect: Any
+    one_shot: EmbeddedBroker, socket_path: Path, connect: Any
 ) -> None:
     with AdminServer(socket_path, AdminCommands(one_shot), idle_timeout=0.2) as server:
         client = connect(server.path)
@@ -429,7 +435,9 @@ def test_an_idle_client_is_told_and_hung_up_on(
         assert client.closed_by_server()
 
 
-def test_a_stale_socket_file_is_replaced(one_shot: Broker, socket_path: Path, connect: Any) -> None:
+def test_a_stale_socket_file_is_replaced(
+    one_shot: EmbeddedBroker, socket_path: Path, connect: Any
+) -> None:
     socket_path.parent.mkdir(mode=0o700)
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as dead:
         dead.bind(str(socket_path))  # closed without unlinking, as by a crash
@@ -438,14 +446,16 @@ def test_a_stale_socket_file_is_replaced(one_shot: Broker, socket_path: Path, co
 
 
 def test_a_live_server_on_the_path_is_not_replaced(
-    server: AdminServer, one_shot: Broker, connect: Any
+    server: AdminServer, one_shot: EmbeddedBroker, connect: Any
 ) -> None:
     with pytest.raises(AdminSocketBusy, match="already listening"):
         AdminServer(server.path, AdminCommands(one_shot)).start()
     assert connect(server.path).ask("ping")["ok"] is True
 
 
-def test_a_file_that_is_not_a_socket_is_left_alone(one_shot: Broker, socket_path: Path) -> None:
+def test_a_file_that_is_not_a_socket_is_left_alone(
+    one_shot: EmbeddedBroker, socket_path: Path
+) -> None:
     socket_path.parent.mkdir(mode=0o700)
     socket_path.write_text("precious")
     with pytest.raises(AdminSocketBusy, match="not a socket"):
@@ -454,7 +464,7 @@ def test_a_file_that_is_not_a_socket_is_left_alone(one_shot: Broker, socket_path
 
 
 def test_close_hangs_up_on_clients_and_removes_the_socket_file(
-    one_shot: Broker, socket_path: Path, connect: Any
+    one_shot: EmbeddedBroker, socket_path: Path, connect: Any
 ) -> None:
     server = AdminServer(socket_path, AdminCommands(one_shot))
     server.start()
@@ -484,7 +494,9 @@ def admin_cli(*args: str, socket_path: Path | None = None) -> subprocess.Complet
     )
 
 
-def test_the_cli_prints_stats_as_aligned_rows(server: AdminServer, one_shot: Broker) -> None:
+def test_the_cli_prints_stats_as_aligned_rows(
+    server: AdminServer, one_shot: EmbeddedBroker
+) -> None:
     one_shot.submit(ROSE)
     done = admin_cli("stats", socket_path=server.path)
     assert done.returncode == 0, done.stderr
@@ -493,13 +505,17 @@ def test_the_cli_prints_stats_as_aligned_rows(server: AdminServer, one_shot: Bro
     assert len({line.rindex(" ") for line in done.stdout.splitlines()}) == 1
 
 
-def test_the_cli_prints_the_raw_reply_with_json(server: AdminServer, one_shot: Broker) -> None:
+def test_the_cli_prints_the_raw_reply_with_json(
+    server: AdminServer, one_shot: EmbeddedBroker
+) -> None:
     done = admin_cli("stats", "--json", "--socket", str(server.path))
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout) == {"ok": True, **asdict(one_shot.stats())}
 
 
-def test_the_cli_prints_dead_letters_as_a_table(server: AdminServer, one_shot: Broker) -> None:
+def test_the_cli_prints_dead_letters_as_a_table(
+    server: AdminServer, one_shot: EmbeddedBroker
+) -> None:
     rose = one_shot.submit(ROSE).formula
     kill(one_shot, rose)
     done = admin_cli("dead", "--socket", str(server.path))
@@ -509,7 +525,9 @@ def test_the_cli_prints_dead_letters_as_a_table(server: AdminServer, one_shot: B
     assert row.split() == [rose.message_id, rose.id, "1"]
 
 
-def test_the_cli_prints_a_formula_as_key_value_lines(server: AdminServer, one_shot: Broker) -> None:
+def test_the_cli_prints_a_formula_as_key_value_lines(
+    server: AdminServer, one_shot: EmbeddedBroker
+) -> None:
     rose = one_shot.submit(ROSE).formula
     done = admin_cli("show", rose.id, "--socket", str(server.path))
     assert done.returncode == 0, done.stderr
@@ -535,7 +553,7 @@ def test_the_cli_exits_2_when_nothing_listens_on_the_socket(directory: Path) -> 
 
 def test_show_gives_a_leased_message_its_deadline_as_a_wall_clock_time() -> None:
     # Monotonic 100 s is wall-clock 2026-11-18T11:06:40Z; the lease is 30 s.
-    broker = Broker(clock=lambda: 100.0, wall_clock=lambda: 1_795_000_000.0)
+    broker = EmbeddedBroker(clock=lambda: 100.0, wall_clock=lambda: 1_795_000_000.0)
     formula = broker.submit(
         parse_formula(b'{"name": "x", "materials": [{"name": "Oud", "concentration": 1}]}')
     ).formula

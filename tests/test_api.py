@@ -15,14 +15,14 @@ import falcon.testing
 import pytest
 
 from api.app import create_app
+from broker.engines.embedded import EmbeddedBroker
 from broker.errors import BrokerUnavailable
 from broker.strict_json import MAX_BODY_BYTES
-from broker.service import Broker
 from tests.support import SUMMER
 
 
 @pytest.fixture
-def client(broker: Broker) -> falcon.testing.TestClient:
+def client(broker: EmbeddedBroker) -> falcon.testing.TestClient:
     return falcon.testing.TestClient(create_app(broker))
 
 
@@ -37,7 +37,7 @@ def doc(result: falcon.testing.Result) -> Any:
     return json.loads(result.text, parse_float=Decimal)
 
 
-def nothing_stored(broker: Broker, formulas: int = 0) -> bool:
+def nothing_stored(broker: EmbeddedBroker, formulas: int = 0) -> bool:
     stats = broker.stats()
     return stats.formulas == formulas and stats.published == formulas
 
@@ -189,7 +189,7 @@ def test_a_body_one_byte_over_64_kib_is_413_and_stores_nothing(client, broker) -
 
 
 def test_a_full_queue_refuses_the_submit_whole_with_retry_after(clock, wall_clock) -> None:
-    small = Broker(queue_capacity=1, clock=clock, wall_clock=wall_clock)
+    small = EmbeddedBroker(queue_capacity=1, clock=clock, wall_clock=wall_clock)
     client = falcon.testing.TestClient(create_app(small))
     assert post(client, SUMMER).status_code == 202
     other = {"name": "y", "materials": [{"name": "Musk", "concentration": 1}]}

@@ -7,6 +7,8 @@ from decimal import Decimal
 
 import pytest
 
+from broker.engines.embedded import EmbeddedBroker
+from broker.engines.embedded.queue import MessageQueue
 from broker.errors import (
     DuplicateFormula,
     FormulaNotFound,
@@ -18,8 +20,6 @@ from broker.errors import (
 )
 from broker.formula import FormulaDraft, parse_formula
 from broker.interface import IdempotencyKey
-from broker.queue import MessageQueue
-from broker.service import Broker
 
 
 def draft(*materials: tuple[str, str], name: str = "F") -> FormulaDraft:
@@ -43,7 +43,7 @@ class FailingQueue(MessageQueue):
 
 def test_a_failed_publish_leaves_store_index_and_keys_exactly_as_before(clock, wall_clock) -> None:
     queue = FailingQueue(capacity=10, visibility_timeout=30, max_deliveries=3, clock=clock)
-    broker = Broker(queue=queue, clock=clock, wall_clock=wall_clock)
+    broker = EmbeddedBroker(queue=queue, clock=clock, wall_clock=wall_clock)
     with pytest.raises(RuntimeError):
         broker.submit(ROSE, IdempotencyKey("k", "digest"))
     stats = broker.stats()
@@ -67,7 +67,7 @@ def test_a_known_make_up_raises_duplicate_and_changes_nothing(broker) -> None:
 
 
 def test_a_full_queue_refuses_the_whole_submit(clock, wall_clock) -> None:
-    broker = Broker(queue_capacity=2, clock=clock, wall_clock=wall_clock)
+    broker = EmbeddedBroker(queue_capacity=2, clock=clock, wall_clock=wall_clock)
     broker.submit(draft(("A", "1")))
     broker.submit(draft(("B", "1")))
     with pytest.raises(QueueFull):
@@ -111,7 +111,7 @@ def test_an_idempotency_key_replays_its_first_answer(broker) -> None:
 
 
 def test_idempotency_keys_expire_after_their_ttl(clock, wall_clock) -> None:
-    broker = Broker(idempotency_ttl=60, clock=clock, wall_clock=wall_clock)
+    broker = EmbeddedBroker(idempotency_ttl=60, clock=clock, wall_clock=wall_clock)
     broker.submit(ROSE, IdempotencyKey("k", "d1"))
     wall_clock.advance(61)
     with pytest.raises(DuplicateFormula) as raised:
@@ -161,7 +161,7 @@ def test_a_message_out_of_deliveries_marks_its_formula_failed_until_redriven(bro
 
 
 def test_receive_waits_for_a_publish_instead_of_spinning() -> None:
-    broker = Broker()
+    broker = EmbeddedBroker()
     got: list[object] = []
     waiting = threading.Thread(target=lambda: got.extend(broker.receive("w", 1, wait_seconds=10)))
     waiting.start()
@@ -171,7 +171,7 @@ def test_receive_waits_for_a_publish_instead_of_spinning() -> None:
 
 
 def test_receive_returns_empty_when_nothing_arrives_in_time() -> None:
-    assert Broker().receive("w", 1, wait_seconds=0.05) == []
+    assert EmbeddedBroker().receive("w", 1, wait_seconds=0.05) == []
 
 
 def test_an_unknown_formula_is_not_found(broker) -> None:

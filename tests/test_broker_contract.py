@@ -1,22 +1,31 @@
-"""One contract, two transports: the broker object itself, and the same object
-through a real ``multiprocessing.managers`` server and ``BrokerClient``.
+"""The broker contract: what every engine promises, whichever transport reaches it.
 
-Run through the manager, these catch a method missing from ``EXPOSED``, a
-result or an error that does not pickle, and an error that loses its fields.
+Each test runs against every engine in ``ENGINES``, opened by
+``broker.engines.open_engine`` from settings alone, both as the object itself
+and through a real ``multiprocessing.managers`` server and ``BrokerClient``
+(which catches a method the server does not expose, a result or an error
+that does not pickle, and an error that loses its fields).
+
+Nothing here reads an engine's insides: receipts and cursors are opaque, and
+time passes for real. Time-dependent promises (lease expiry, delayed nacks,
+key expiry) use short settings and wait on a condition with a deadline, so an
+engine on another machine's clock (a database's) is tested the same way.
 """
 
 from __future__ import annotations
 
 import contextlib
-import itertools
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from broker.client import BrokerClient
+from broker.engines import open_engine
 from broker.errors import (
     DuplicateFormula,
     FormulaNotFound,
@@ -27,46 +36,79 @@ from broker.errors import (
     StaleReceipt,
 )
 from broker.formula import parse_formula
-from broker.interface import ConsumerBroker, IdempotencyKey, Submission, SubmissionBroker
-from broker.manager import make_server
-from broker.service import EXPOSED, Broker
-from tests.conftest import FakeClock
-from tests.support import environment
+from broker.interface import (
+    METHODS,
+    Broker,
+    ConsumerBroker,
+    IdempotencyKey,
+    OperatorBroker,
+    Submission,
+    SubmissionBroker,
+)
+from broker.settings import Settings
+from broker.transport import make_server
+from tests.support import environment, wait_for
+
+# (engine, how FORMULARY_DATA names it); the file goes in the test's directory.
+ENGINES = {
+    "embedded-memory": lambda directory: ":memory:",
+    "embedded-sqlite": lambda directory: str(directory / "journal.sqlite3"),
+}
+TRANSPORTS = ("object", "manager")
+
+# Short enough to wait out, long enough that a busy machine never expires a
+# lease a test still means to hold.
+SHORT = 0.4
+
+OpenBroker = Callable[..., Any]
 
 
-def make_broker(clock: FakeClock, wall_clock: FakeClock) -> Broker:
-    ids = (f"id-{n:06d}-padding-xyz" for n in itertools.count(1))
-    return Broker(
-        queue_capacity=3,
-        visibility_timeout=30.0,
-        max_deliveries=2,
-        clock=clock,
-        wall_clock=wall_clock,
-        new_id=lambda: next(ids),
-    )
+@pytest.fixture(
+    params=[(engine, transport) for engine in ENGINES for transport in TRANSPORTS],
+    ids=lambda p: "-".join(p),
+)
+def open_broker(request: pytest.FixtureRequest) -> Iterator[OpenBroker]:
+    """Opens a broker with the given settings; everything opened is closed at the end."""
+    engine, transport = request.param
+    cleanups: list[Callable[[], None]] = []
 
-
-@pytest.fixture(params=["object", "manager"])
-def remote(
-    request: pytest.FixtureRequest, clock: FakeClock, wall_clock: FakeClock
-) -> Iterator[Any]:
-    broker = make_broker(clock, wall_clock)
-    if request.param == "object":
-        yield broker
-        return
-    with environment() as env:
-        settings = env.settings()
+    def open_one(**overrides: Any) -> Any:
+        env = contextlib.ExitStack()
+        cleanups.append(env.close)
+        directory = env.enter_context(environment())
+        chosen = {"queue_capacity": 3, "visibility_timeout": 30.0, "max_deliveries": 2}
+        settings = Settings(
+            broker_address=str(directory.directory / "broker.sock"),
+            authkey_file=directory.directory / "authkey",
+            data=ENGINES[engine](directory.directory),
+            **(chosen | overrides),
+        )
+        broker = open_engine(settings)
+        cleanups.append(broker.close)
+        if transport == "object":
+            return broker
         server = make_server(broker, settings)
         thread = threading.Thread(target=serve, args=(server,), daemon=True)
         thread.start()
         client = BrokerClient(settings)
-        try:
-            yield client
-        finally:
+
+        def stop() -> None:
             client.close()
             server.stop_event.set()
             thread.join(5)
             server.listener.close()
+
+        cleanups.append(stop)
+        return client
+
+    yield open_one
+    for cleanup in reversed(cleanups):
+        cleanup()
+
+
+@pytest.fixture
+def remote(open_broker: OpenBroker) -> Any:
+    return open_broker()
 
 
 def serve(server: Any) -> None:
@@ -81,22 +123,34 @@ def draft(name: str, *materials: tuple[str, str]) -> Any:
 
 
 ROSE = draft("Rose", ("Rose Absolute", "15.5"), ("Musk", "0.000001"))
+VETIVER = draft("Other", ("Vetiver", "3"))
 
 
-def test_both_transports_satisfy_the_protocols(remote) -> None:
-    assert isinstance(remote, Broker | BrokerClient)
-    for name in ("ping", "submit", "get_formula", "list_formulas", "stats"):
-        assert callable(getattr(remote, name)) and name in EXPOSED
-    for name in ("receive", "complete", "ack", "nack", "extend"):
-        assert callable(getattr(remote, name)) and name in EXPOSED
-    _typed_api: SubmissionBroker = remote
-    _typed_worker: ConsumerBroker = remote
+def test_every_broker_method_is_in_the_one_list_and_answers(remote) -> None:
+    _typed: Broker = remote
+    _api: SubmissionBroker = remote
+    _worker: ConsumerBroker = remote
+    _admin: OperatorBroker = remote
+    public = {name for name in dir(Broker) if not name.startswith("_")}
+    assert set(METHODS) == public
+    for name in METHODS:
+        assert callable(getattr(remote, name))
+    assert {name for name, read_only in METHODS.items() if read_only} == {
+        "ping",
+        "get_formula",
+        "get_formulas",
+        "list_formulas",
+        "stats",
+        "message_info",
+        "dead_letters",
+    }
 
 
 def test_submit_then_read_back_exactly(remote) -> None:
     assert remote.ping() is True
     formula = remote.submit(ROSE).formula
     assert remote.get_formula(formula.id) == formula
+    assert formula.status == "queued" and formula.deliveries == 0
     assert [m.concentration for m in formula.materials] == [Decimal("15.5"), Decimal("0.000001")]
     page = remote.list_formulas(10)
     assert page.items == (formula,) and page.next_cursor is None
@@ -114,19 +168,55 @@ def test_errors_cross_with_their_fields(remote) -> None:
     with pytest.raises(InvalidCursor):
         remote.list_formulas(10, "nope")
     with pytest.raises(StaleReceipt):
-        remote.nack("nope.nope")
+        remote.nack("nope")
+    with pytest.raises(StaleReceipt):
+        remote.ack("not a receipt this broker handed out")
     with pytest.raises(MessageNotFound):
         remote.message_info("nope")
+    with pytest.raises(MessageNotFound):
+        remote.redrive("nope")
+
+
+def test_an_idempotency_key_replays_its_first_answer_exactly(remote) -> None:
+    accepted = remote.submit(ROSE, IdempotencyKey("k1", "d"))
+    [delivery] = remote.receive("w", 1)
+    remote.complete(delivery.receipt, {"n": 1})
+    again = remote.submit(ROSE, IdempotencyKey("k1", "d"))
+    # The answer as first given (queued, undelivered), not the formula as it is now.
+    assert again.replayed and again.formula == accepted.formula
+    with pytest.raises(DuplicateFormula) as first:
+        remote.submit(ROSE, IdempotencyKey("k2", "d"))
+    with pytest.raises(DuplicateFormula) as replayed:
+        remote.submit(ROSE, IdempotencyKey("k2", "d"))
+    assert not first.value.replayed and replayed.value.replayed
+    assert replayed.value.existing_id == accepted.formula.id
+    assert remote.stats().published == 1
+
+
+def test_idempotency_keys_are_forgotten_after_their_time(open_broker) -> None:
+    broker = open_broker(idempotency_ttl=SHORT)
+    broker.submit(ROSE, IdempotencyKey("k", "d"))
+    assert broker.submit(ROSE, IdempotencyKey("k", "d")).replayed
+
+    def forgotten() -> bool:
+        try:
+            broker.submit(ROSE, IdempotencyKey("k", "another body"))
+        except IdempotencyKeyReused:
+            return False
+        except DuplicateFormula as exc:
+            return not exc.replayed
+        return False
+
+    wait_for(forgotten, what="the key to be forgotten")
 
 
 def test_submit_many_answers_each_submit_as_if_it_were_alone(remote) -> None:
-    other = draft("Other", ("Vetiver", "3"))
     outcomes = remote.submit_many(
         [
             (ROSE, IdempotencyKey("k", "d")),
             (ROSE, None),
-            (other, None),
-            (other, IdempotencyKey("k", "another body")),
+            (VETIVER, None),
+            (VETIVER, IdempotencyKey("k", "another body")),
         ]
     )
     first, duplicate, second, reused = outcomes
@@ -164,66 +254,120 @@ def test_concurrent_submits_each_get_their_own_answer(remote) -> None:
     assert remote.stats().formulas == 3 and remote.stats().duplicates == 13
 
 
-def test_capacity_refuses_with_queue_full(remote) -> None:
+def test_capacity_refuses_with_queue_full_until_a_message_is_acked(remote) -> None:
     for i in range(3):
         remote.submit(draft(f"F{i}", (f"M{i}", "1")))
     with pytest.raises(QueueFull) as full:
         remote.submit(draft("F4", ("M4", "1")))
     assert full.value.capacity == 3
-    assert remote.stats().refused_capacity == 1
+    assert remote.stats().refused_capacity == 1 and remote.stats().formulas == 3
+    [delivery] = remote.receive("w", 1)
+    assert remote.ack(delivery.receipt) is True
+    remote.submit(draft("F4", ("M4", "1")))
+
+
+def test_pages_run_newest_first_and_cursors_survive_new_formulas(open_broker) -> None:
+    broker = open_broker(queue_capacity=20)
+    ids = [broker.submit(draft(f"F{i}", (f"M{i}", "1"))).formula.id for i in range(5)]
+    first = broker.list_formulas(2)
+    assert [f.id for f in first.items] == [ids[4], ids[3]] and first.next_cursor
+    broker.submit(draft("Later", ("Later", "1")))
+    second = broker.list_formulas(2, first.next_cursor)
+    third = broker.list_formulas(2, second.next_cursor)
+    assert [f.id for f in second.items + third.items] == [ids[2], ids[1], ids[0]]
+    assert third.next_cursor is None
 
 
 def test_a_delivery_is_leased_completed_and_shown_processed(remote) -> None:
     formula = remote.submit(ROSE).formula
+    before = time.time()
     [delivery] = remote.receive("w1", 5, None, 0)
     assert (delivery.formula_id, delivery.delivery) == (formula.id, 1)
-    assert remote.extend(delivery.receipt, 60) > 0
+    # Lease times are wall-clock epoch seconds, whatever clock the engine keeps.
+    assert before + 29 <= delivery.lease_expires_at <= time.time() + 31
+    assert time.time() + 59 <= remote.extend(delivery.receipt, 60) <= time.time() + 61
     summary = {"material_count": 2, "total_concentration": Decimal("15.500001")}
     assert remote.complete(delivery.receipt, summary) is True
     done = remote.get_formula(formula.id)
-    assert done.status == "processed" and done.summary == summary
+    assert done.status == "processed" and done.summary == summary and done.deliveries == 1
     assert remote.ack(delivery.receipt) is False  # a repeated ack is harmless
     stats = remote.stats()
     assert (stats.acked, stats.processed, stats.depth, stats.in_flight) == (1, 1, 0, 0)
 
 
-def test_expired_leases_redeliver_first_then_dead_letter_and_redrive(remote, clock) -> None:
+def test_receive_waits_for_a_submit_instead_of_spinning(remote) -> None:
+    assert remote.receive("w", 1, None, 0) == []
+    got: list[Any] = []
+    waiting = threading.Thread(target=lambda: got.extend(remote.receive("w", 1, None, 20)))
+    waiting.start()
+    formula = remote.submit(ROSE).formula
+    waiting.join(timeout=15)
+    assert [d.formula_id for d in got] == [formula.id]
+
+
+def test_an_expired_lease_redelivers_first_then_dead_letters_and_redrives(remote) -> None:
     first = remote.submit(ROSE).formula
-    second = remote.submit(draft("Other", ("Vetiver", "3"))).formula
-    [lease] = remote.receive("w1", 1, None, 0)
+    second = remote.submit(VETIVER).formula
+    [lease] = remote.receive("w1", 1, SHORT, 0)
     assert lease.formula_id == first.id
-    clock.advance(31)
-    [again] = remote.receive("w2", 1, None, 0)
-    assert (again.formula_id, again.delivery) == (first.id, 2)
+    expired = lambda: remote.message_info(first.message_id).state == "ready"  # noqa: E731
+    wait_for(expired, what="the lease to run out")
+    # Back, and ahead of the fresh message.
+    again = remote.receive("w2", 1, None, 0)
+    assert [(d.formula_id, d.delivery) for d in again] == [(first.id, 2)]
+    assert remote.message_info(first.message_id).state == "in_flight"
     with pytest.raises(StaleReceipt):
         remote.ack(lease.receipt)
-    remote.nack(again.receipt, 0)  # the last allowed delivery: dead-lettered
+    with pytest.raises(StaleReceipt):
+        remote.complete(lease.receipt, {"n": 1})
+    remote.nack(again[0].receipt, 0)  # its last allowed delivery: dead-lettered
     assert remote.get_formula(first.id).status == "failed"
     [dead] = remote.dead_letters(10)
     assert dead.message_id == first.message_id and dead.state == "dead"
+    assert remote.stats().dead == 1
     remote.redrive(first.message_id)
     assert remote.get_formula(first.id).status == "queued"
     got = remote.receive("w3", 10, None, 0)
-    assert [d.formula_id for d in got] == [second.id, first.id]
+    assert [(d.formula_id, d.delivery) for d in got] == [(second.id, 1), (first.id, 1)]
     assert remote.redrive_all() == 0
-    assert remote.message_info(first.message_id).state == "in_flight"
+    assert remote.get_formula(first.id).deliveries == 3  # over its whole life
 
 
-def test_a_batch_is_read_and_completed_in_one_call_each(remote, clock) -> None:
+def test_a_delayed_nack_hides_the_message_until_its_delay_is_over(remote) -> None:
+    formula = remote.submit(ROSE).formula
+    [delivery] = remote.receive("w", 1)
+    remote.nack(delivery.receipt, SHORT)
+    info = remote.message_info(formula.message_id)
+    assert info.state == "delayed" and info.visible_at is not None
+    assert time.time() < info.visible_at <= time.time() + SHORT + 1
+    assert remote.receive("w", 1, None, 0) == []
+    back = wait_for(lambda: remote.receive("w", 1, None, 0), what="the delay to be over")
+    assert [(d.formula_id, d.delivery) for d in back] == [(formula.id, 2)]
+
+
+def test_a_nack_without_delay_redelivers_at_once(remote) -> None:
+    formula = remote.submit(ROSE).formula
+    [delivery] = remote.receive("w", 1)
+    remote.nack(delivery.receipt)
+    [again] = remote.receive("w", 1, None, 0)
+    assert (again.formula_id, again.delivery) == (formula.id, 2)
+    assert again.receipt != delivery.receipt
+
+
+def test_a_batch_is_read_and_completed_in_one_call_each(remote) -> None:
     first = remote.submit(ROSE).formula
-    second = remote.submit(draft("Other", ("Vetiver", "3"))).formula
-    got = remote.receive("w1", 10, None, 0)
-    views = remote.get_formulas([d.formula_id for d in got] + ["nope"])
+    second = remote.submit(VETIVER).formula
+    [held] = remote.receive("w1", 1, None, 0)
+    [brief] = remote.receive("w1", 1, SHORT, 0)
+    views = remote.get_formulas([held.formula_id, brief.formula_id, "nope"])
     assert [v.id if v else None for v in views] == [first.id, second.id, None]
-    assert remote.receive("w1", 1, None, 0) == []
-    remote.extend(got[0].receipt, 60)
-    clock.advance(31)  # second's lease runs out and goes to w2
-    [again] = remote.receive("w2", 10, None, 0)
+    # brief's lease runs out and the message goes to w2.
+    [again] = wait_for(lambda: remote.receive("w2", 10, None, 0), what="the lease to run out")
     outcomes = remote.complete_many(
         [
-            (got[0].receipt, {"n": Decimal("1.5")}),
-            (got[0].receipt, {"n": 2}),  # the same message twice in one batch
-            (got[1].receipt, {"n": 3}),  # stale: w2 holds it now
+            (held.receipt, {"n": Decimal("1.5")}),
+            (held.receipt, {"n": 2}),  # the same message twice in one batch
+            (brief.receipt, {"n": 3}),  # stale: w2 holds it now
             (again.receipt, {"n": Decimal("4")}),
         ]
     )
@@ -231,3 +375,20 @@ def test_a_batch_is_read_and_completed_in_one_call_each(remote, clock) -> None:
     assert remote.get_formula(first.id).summary == {"n": Decimal("1.5")}
     assert remote.get_formula(second.id).summary == {"n": Decimal("4")}
     assert remote.stats().processed == 2
+
+
+def test_the_embedded_file_engine_keeps_everything_across_a_reopen(tmp_path: Path) -> None:
+    # Not every engine has a file to reopen; this promise is the embedded engine's.
+    settings = Settings(data=str(tmp_path / "journal.sqlite3"))
+    broker = open_engine(settings)
+    accepted = broker.submit(ROSE, IdempotencyKey("k", "d"))
+    broker.close()
+    reopened = open_engine(settings)
+    try:
+        assert reopened.submit(ROSE, IdempotencyKey("k", "d")) == Submission(
+            accepted.formula, replayed=True
+        )
+        [delivery] = reopened.receive("w", 1)
+        assert delivery.formula_id == accepted.formula.id
+    finally:
+        reopened.close()

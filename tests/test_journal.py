@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import random
@@ -21,7 +22,7 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from broker.changes import (
+from broker.engines.embedded.changes import (
     BuryMessage,
     Change,
     CountDelivery,
@@ -33,12 +34,16 @@ from broker.changes import (
     RememberKey,
     StoreFormula,
 )
-from broker.errors import DuplicateFormula
+from broker.engines.embedded.idempotency import Remembered
+from broker.engines.embedded.journal import (
+    _SCHEMA_V1,
+    JournalError,
+    MemoryJournal,
+    SqliteJournal,
+    open_journal,
+)
+from broker.engines.embedded.store import FormulaRecord, pack_materials, pack_summary
 from broker.formula import Material
-from broker.idempotency import Outcome, Remembered
-from broker.interface import FormulaView, Submission
-from broker.journal import JournalError, MemoryJournal, SqliteJournal, open_journal
-from broker.store import FormulaRecord, pack_materials, pack_summary
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -62,32 +67,8 @@ def record(
     )
 
 
-def view(rec: FormulaRecord, **changes: Any) -> FormulaView:
-    fields: dict[str, Any] = {
-        "id": rec.formula_id,
-        "name": rec.name,
-        "materials": rec.materials,
-        "fingerprint": rec.fingerprint,
-        "message_id": rec.message_id,
-        "created_at": "2026-11-18T20:53:20.125Z",
-        "status": "queued",
-        "deliveries": 0,
-        "processed_at": None,
-        "summary": None,
-    }
-    fields.update(changes)
-    return FormulaView(**fields)
-
-
 def state(rec: FormulaRecord) -> dict[str, Any]:
     return {name: getattr(rec, name) for name in FormulaRecord.__slots__}
-
-
-def same_outcome(a: Outcome, b: Outcome) -> bool:
-    # Exceptions compare by identity; their arguments are what they say.
-    if isinstance(a, DuplicateFormula) and isinstance(b, DuplicateFormula):
-        return a.args == b.args
-    return a == b
 
 
 def dump(path: Path) -> list[str]:
@@ -124,25 +105,9 @@ def test_everything_written_comes_back_after_a_reopen(path: Path) -> None:
         ),
     )
     b, c, d, e, f, g = (record(n) for n in range(2, 8))
-    first_key = Remembered("key-1", "digest-1", Submission(view(a)), 100.0)
-    duplicate_key = Remembered(
-        "key-2", "digest-2", DuplicateFormula(a.formula_id, a.fingerprint), 200.0
-    )
-    processed_key = Remembered(
-        "key-3",
-        "digest-3",
-        Submission(
-            view(
-                b,
-                status="processed",
-                deliveries=2,
-                processed_at="2026-11-18T20:53:21.000Z",
-                summary=SUMMARY,
-            ),
-            replayed=True,
-        ),
-        300.0,
-    )
+    first_key = Remembered("key-1", "digest-1", a.formula_id, False, 100.0)
+    duplicate_key = Remembered("key-2", "digest-2", a.formula_id, True, 200.0)
+    processed_key = Remembered("key-3", "digest-3", b.formula_id, False, 300.0)
 
     journal = SqliteJournal(path)
     journal.write([StoreFormula(r) for r in (a, b, c, d, e, f, g)] + [RememberKey(first_key)])
@@ -203,21 +168,7 @@ def test_everything_written_comes_back_after_a_reopen(path: Path) -> None:
         RecoveredMessage(g.message_id, g.formula_id, g.fingerprint, 0, True),
     ]
 
-    assert [k.key for k in recovered.keys] == ["key-2", "key-3"]
-    for loaded, original in zip(recovered.keys, (duplicate_key, processed_key), strict=True):
-        assert (loaded.key, loaded.body_digest, loaded.expires_at) == (
-            original.key,
-            original.body_digest,
-            original.expires_at,
-        )
-        assert same_outcome(loaded.outcome, original.outcome)
-    duplicate = recovered.keys[0].outcome
-    assert isinstance(duplicate, DuplicateFormula)
-    assert (duplicate.existing_id, duplicate.fingerprint, duplicate.replayed) == (
-        a.formula_id,
-        a.fingerprint,
-        False,
-    )
+    assert recovered.keys == [duplicate_key, processed_key]
 
 
 def test_changes_in_one_write_apply_in_their_order(journal: SqliteJournal) -> None:
@@ -250,8 +201,8 @@ def test_a_key_recorded_again_after_expiring_comes_back_twice_oldest_first(
     journal: SqliteJournal,
 ) -> None:
     a = record(1)
-    first = Remembered("same", "d1", DuplicateFormula(a.formula_id, a.fingerprint), 10.0)
-    second = Remembered("same", "d2", Submission(view(a)), 20.0)
+    first = Remembered("same", "d1", a.formula_id, True, 10.0)
+    second = Remembered("same", "d2", a.formula_id, False, 20.0)
     journal.write([RememberKey(first), RememberKey(second)])
 
     assert [k.body_digest for k in journal.load().keys] == ["d1", "d2"]
@@ -304,7 +255,7 @@ def test_a_write_with_one_failing_change_changes_nothing_and_raises(path: Path) 
     before = dump(path)
 
     journal = SqliteJournal(path)
-    key = Remembered("k", "d", Submission(view(record(2))), 50.0)
+    key = Remembered("k", "d", record(2).formula_id, False, 50.0)
     with pytest.raises(JournalError) as raised:
         journal.write(
             [
@@ -350,16 +301,49 @@ def test_a_missing_directory_is_created_owner_only_and_the_file_is_0600(tmp_path
     conn.close()
 
 
-def test_a_file_from_a_newer_formulary_is_refused_and_left_alone(path: Path) -> None:
+def test_a_version_1_file_is_migrated_and_its_keys_name_their_formulas(path: Path) -> None:
+    # A journal as Formulary wrote it before keys stopped keeping whole answers.
     conn = sqlite3.connect(path)
-    conn.execute("PRAGMA user_version = 2")
+    for statement in _SCHEMA_V1:
+        conn.execute(statement)
+    conn.execute("PRAGMA user_version = 1")
+    a = record(1)
+    conn.execute(
+        "INSERT INTO formulas (id, name, materials, fingerprint, message_id, created_at,"
+        " deliveries) VALUES (?, ?, ?, ?, ?, ?, 0)",
+        (a.formula_id, a.name, a.packed_materials, a.fingerprint, a.message_id, a.created_at),
+    )
+    accepted = {"kind": "submission", "replayed": False, "formula": {"id": a.formula_id}}
+    duplicate = {"kind": "duplicate", "existing_id": a.formula_id, "replayed": False}
+    for seq, (key, answer) in enumerate((("k1", accepted), ("k2", duplicate)), start=1):
+        conn.execute(
+            "INSERT INTO keys VALUES (?, ?, 'digest', ?, ?)",
+            (seq, key, 100.0 * seq, json.dumps(answer)),
+        )
+    conn.commit()
     conn.close()
 
-    with pytest.raises(JournalError, match=r"newer Formulary \(schema 2 > 1\); upgrade"):
+    journal = SqliteJournal(path)
+    assert journal.load().keys == [
+        Remembered("k1", "digest", a.formula_id, False, 100.0),
+        Remembered("k2", "digest", a.formula_id, True, 200.0),
+    ]
+    journal.close()
+    conn = sqlite3.connect(path)
+    assert conn.execute("PRAGMA user_version").fetchone() == (SqliteJournal.SCHEMA_VERSION,)
+    conn.close()
+
+
+def test_a_file_from_a_newer_formulary_is_refused_and_left_alone(path: Path) -> None:
+    conn = sqlite3.connect(path)
+    conn.execute("PRAGMA user_version = 3")
+    conn.close()
+
+    with pytest.raises(JournalError, match=r"newer Formulary \(schema 3 > 2\); upgrade"):
         SqliteJournal(path)
 
     conn = sqlite3.connect(path)
-    assert conn.execute("PRAGMA user_version").fetchone() == (2,)
+    assert conn.execute("PRAGMA user_version").fetchone() == (3,)
     assert conn.execute("PRAGMA journal_mode").fetchone() == ("delete",)
     conn.close()
 
@@ -478,9 +462,9 @@ import sys
 sys.path.insert(0, sys.argv[1])
 from decimal import Decimal
 from broker.formula import Material
-from broker.changes import StoreFormula
-from broker.journal import SqliteJournal
-from broker.store import FormulaRecord
+from broker.engines.embedded.changes import StoreFormula
+from broker.engines.embedded.journal import SqliteJournal
+from broker.engines.embedded.store import FormulaRecord
 
 journal = SqliteJournal(sys.argv[2])
 for n in range(1_000_000):

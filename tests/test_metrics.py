@@ -23,8 +23,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from api.app import create_app
 from api.middleware import logfmt
+from broker.engines.embedded import EmbeddedBroker
 from broker.errors import BrokerUnavailable
-from broker.service import Broker
 from tests.support import SUMMER, Stack, running_stack, wait_for
 
 TWIN = {
@@ -66,7 +66,7 @@ def formula(tag: str) -> dict[str, object]:
 
 
 @pytest.fixture
-def client(broker: Broker) -> falcon.testing.TestClient:
+def client(broker: EmbeddedBroker) -> falcon.testing.TestClient:
     return falcon.testing.TestClient(create_app(broker))
 
 

@@ -29,14 +29,14 @@ from schemathesis.specs.openapi.checks import (
 
 from api import openapi
 from api.app import create_app
-from broker.service import Broker
+from broker.engines.embedded import EmbeddedBroker
 from tests.support import Stack, running_stack
 
 HTTP_METHODS = {"get", "put", "post", "delete", "options", "head", "patch", "trace"}
 
 
 @pytest.fixture
-def document(broker: Broker) -> dict[str, Any]:
+def document(broker: EmbeddedBroker) -> dict[str, Any]:
     result = falcon.testing.TestClient(create_app(broker)).simulate_get("/openapi.json")
     assert result.status_code == 200
     assert result.headers["Content-Type"] == "application/json"

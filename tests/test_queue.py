@@ -16,8 +16,7 @@ from hypothesis.stateful import (
     rule,
 )
 
-from broker.errors import MessageNotFound, QueueFull, StaleReceipt
-from broker.queue import (
+from broker.engines.embedded.queue import (
     Acked,
     DeadLettered,
     Delivered,
@@ -26,6 +25,7 @@ from broker.queue import (
     QueueEvent,
     Redriven,
 )
+from broker.errors import MessageNotFound, QueueFull, StaleReceipt
 from tests.conftest import FakeClock
 
 LEASE = 30.0

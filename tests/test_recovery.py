@@ -4,7 +4,6 @@ failure in the middle of a change leaves behind."""
 from __future__ import annotations
 
 import itertools
-import threading
 from collections.abc import Sequence
 from decimal import Decimal
 from pathlib import Path
@@ -12,15 +11,14 @@ from typing import Any
 
 import pytest
 
-from broker.changes import Change, StoreFormula
+from broker.engines.embedded import EmbeddedBroker
+from broker.engines.embedded.changes import Change, StoreFormula
+from broker.engines.embedded.journal import SqliteJournal
+from broker.engines.embedded.queue import MessageQueue
 from broker.errors import DuplicateFormula, StorageFailed
 from broker.formula import FormulaDraft, parse_formula
-from broker.interface import IdempotencyKey
-from broker.journal import SqliteJournal
-from broker.queue import MessageQueue
-from broker.service import Broker
+from broker.interface import IdempotencyKey, Submission
 from tests.conftest import FakeClock
-from tests.support import wait_for
 
 
 def draft(tag: str, concentration: str = "1") -> FormulaDraft:
@@ -36,12 +34,12 @@ class Opener:
         self.clock = clock
         self.wall_clock = wall_clock
         self.ids = (f"id-{n:06d}-padding-xyz" for n in itertools.count(1))
-        self.open: list[Broker] = []
+        self.open: list[EmbeddedBroker] = []
 
-    def __call__(self, **kwargs: Any) -> Broker:
+    def __call__(self, **kwargs: Any) -> EmbeddedBroker:
         if "journal" not in kwargs:
             kwargs["journal"] = SqliteJournal(self.path)
-        broker = Broker(
+        broker = EmbeddedBroker(
             max_deliveries=3,
             clock=self.clock,
             wall_clock=self.wall_clock,
@@ -171,17 +169,9 @@ def test_a_failed_result_write_records_nothing_and_keeps_the_lease(restart, tmp_
 
 
 class GroupFailingJournal(SqliteJournal):
-    """Holds its first write until released; fails any write that stores two formulas."""
-
-    def __init__(self, path: Path) -> None:
-        super().__init__(path)
-        self.entered = threading.Event()
-        self.release = threading.Event()
+    """Fails any write that stores more than one formula."""
 
     def write(self, changes: Sequence[Change]) -> None:
-        if not self.entered.is_set():
-            self.entered.set()
-            self.release.wait(timeout=15)
         if sum(isinstance(change, StoreFormula) for change in changes) > 1:
             raise OSError("disk full")
         super().write(changes)
@@ -190,28 +180,12 @@ class GroupFailingJournal(SqliteJournal):
 def test_a_group_whose_commit_fails_is_answered_one_submit_at_a_time(restart, tmp_path) -> None:
     journal = GroupFailingJournal(tmp_path / "journal.sqlite3")
     broker = restart(journal=journal)
-    outcomes: dict[str, object] = {}
-
-    def submit(label: str, make_up: str) -> threading.Thread:
-        def run() -> None:
-            try:
-                outcomes[label] = broker.submit(draft(make_up)).formula.id
-            except DuplicateFormula as exc:
-                outcomes[label] = exc
-
-        thread = threading.Thread(target=run)
-        thread.start()
-        return thread
-
-    threads = [submit("first", "a")]
-    assert journal.entered.wait(timeout=15)
-    # These three wait behind the first commit and are admitted as one group,
-    # whose one write fails; each is then run alone and gets its own answer.
-    threads += [submit("b", "b"), submit("b again", "b"), submit("c", "c")]
-    wait_for(lambda: broker._submits.waiting == 3, what="three submits behind the first")
-    journal.release.set()
-    for thread in threads:
-        thread.join(timeout=15)
+    # One group, so one write for all four; it fails, and each is run again alone.
+    answers = broker.submit_many([(draft(tag), None) for tag in ("a", "b", "b", "c")])
+    outcomes = {
+        label: answer.formula.id if isinstance(answer, Submission) else answer
+        for label, answer in zip(("first", "b", "b again", "c"), answers, strict=True)
+    }
 
     duplicate = outcomes["b again"]
     assert isinstance(duplicate, DuplicateFormula)

@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 
+from broker.engines.embedded import EmbeddedBroker
 from broker.formula import parse_formula
 from broker.interface import FormulaView
-from broker.service import Broker
 from worker.consumer import Backoff, Consumer, Heartbeat
 from worker.handlers import load_handler, summarise
 
@@ -21,7 +21,7 @@ SPEC_EXAMPLE = parse_formula(
 )
 
 
-def consumer(broker: Broker, handler: Any = summarise, **kwargs: Any) -> Consumer:
+def consumer(broker: EmbeddedBroker, handler: Any = summarise, **kwargs: Any) -> Consumer:
     kwargs.setdefault("wait_seconds", 0)
     return Consumer(broker, handler, name="test", rng=random.Random(7), **kwargs)
 

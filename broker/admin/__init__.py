@@ -8,7 +8,7 @@ Three parts, each usable alone: :mod:`~broker.admin.protocol` (framing),
 
 from __future__ import annotations
 
-from broker.admin.commands import COMMANDS, AdminBroker, AdminCommands, CommandError
+from broker.admin.commands import COMMANDS, AdminCommands, CommandError
 from broker.admin.protocol import (
     MAX_LINE_BYTES,
     LineSplitter,
@@ -24,7 +24,6 @@ from broker.admin.server import AdminServer, AdminSocketBusy
 __all__ = [
     "COMMANDS",
     "MAX_LINE_BYTES",
-    "AdminBroker",
     "AdminCommands",
     "AdminServer",
     "AdminSocketBusy",

@@ -6,8 +6,8 @@ arguments as the strings typed and returns a reply dict ready for
 a domain error; :meth:`AdminCommands.dispatch` turns a whole line into a reply
 and never raises.
 
-Every command is one or two calls on the broker, so each costs what those
-calls cost (see ``broker.queue``); ``dead N`` is O(N).
+Every command is one or two calls on the broker (``OperatorBroker``), so each
+costs what those calls cost in the engine; ``dead N`` is O(N).
 """
 
 from __future__ import annotations
@@ -16,12 +16,11 @@ import logging
 import re
 from collections.abc import Callable
 from dataclasses import asdict
-from typing import Any, Final, Protocol
+from typing import Any, Final
 
 from broker.admin.protocol import ProtocolError, Reply, error_reply, ok_reply, parse_command
 from broker.errors import FormulaNotFound, FormularyError, MessageNotFound
-from broker.interface import BrokerStats, FormulaView, MessageInfo
-from broker.service import rfc3339
+from broker.interface import MessageInfo, OperatorBroker, rfc3339
 
 log = logging.getLogger(__name__)
 
@@ -30,24 +29,6 @@ MAX_DEAD: Final = 10_000
 """Most dead letters one reply lists (a reply is a single line)."""
 
 _COUNT: Final = re.compile(r"[0-9]{1,9}")
-
-
-class AdminBroker(Protocol):
-    """What the admin commands need from the broker (``broker.service.Broker`` has it)."""
-
-    def ping(self) -> bool: ...
-
-    def stats(self) -> BrokerStats: ...
-
-    def get_formula(self, formula_id: str) -> FormulaView: ...
-
-    def message_info(self, message_id: str) -> MessageInfo: ...
-
-    def dead_letters(self, limit: int | None = None) -> list[MessageInfo]: ...
-
-    def redrive(self, message_id: str) -> None: ...
-
-    def redrive_all(self) -> int: ...
 
 
 class CommandError(Exception):
@@ -68,7 +49,7 @@ COMMANDS: Final[dict[str, tuple[str, str, int, int]]] = {
 class AdminCommands:
     """The admin socket's commands, run against ``broker``."""
 
-    def __init__(self, broker: AdminBroker) -> None:
+    def __init__(self, broker: OperatorBroker) -> None:
         self._broker = broker
 
     def dispatch(self, line: str) -> Reply:
@@ -110,7 +91,7 @@ class AdminCommands:
         else:
             info = self._message(formula.message_id)
         return ok_reply(
-            formula=formula_data(formula),
+            formula=formula.as_data(),
             message=None if info is None else message_data(info),
         )
 
@@ -153,11 +134,6 @@ def message_data(info: MessageInfo) -> dict[str, Any]:
     if info.visible_at is not None:
         data["visible_at"] = rfc3339(info.visible_at)
     return data
-
-
-def formula_data(formula: FormulaView) -> dict[str, Any]:
-    """A formula as plain data (concentrations and summary figures stay ``Decimal``)."""
-    return formula.as_data()
 
 
 def _describe(exc: FormularyError) -> str:

@@ -42,8 +42,8 @@ from broker.admin.protocol import (
     error_reply,
     is_blank,
 )
-from broker.manager import ensure_private_dir
 from broker.settings import SettingsError
+from broker.transport import ensure_private_dir
 
 log = logging.getLogger(__name__)
 

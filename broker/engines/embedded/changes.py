@@ -4,8 +4,8 @@ Each change is a small frozen dataclass naming one step of the broker's state
 (a formula stored, a key remembered, a delivery counted, a result recorded,
 a message acked, buried or redriven, keys forgotten). The broker hands a list
 of them to ``Journal.write`` per atomic step; ``Journal.load`` gives the whole
-state back as a :class:`Recovered`. Kept apart from ``broker.journal`` so a
-reader sees the vocabulary without the SQLite that stores it.
+state back as a :class:`Recovered`. Kept apart from ``journal`` so a reader
+sees the vocabulary without the SQLite that stores it.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from broker.idempotency import Remembered
-from broker.store import FormulaRecord
+from broker.engines.embedded.idempotency import Remembered
+from broker.engines.embedded.store import FormulaRecord
 
 __all__ = [
     "BuryMessage",
@@ -65,7 +65,7 @@ class RecordResult:
     formula_id: str
     message_id: str
     processed_at: float
-    summary_json: str  # broker.store.pack_summary
+    summary_json: str  # store.pack_summary
 
 
 @dataclass(frozen=True, slots=True)

@@ -27,52 +27,20 @@ from dataclasses import dataclass
 from typing import Final, TypeAlias
 
 from broker.errors import MessageNotFound, QueueFull, StaleReceipt
+from broker.interface import DEAD, DELAYED, IN_FLIGHT, READY, Delivery, MessageInfo
 
 Clock = Callable[[], float]
 """Monotonic seconds."""
-
-READY: Final = "ready"
-IN_FLIGHT: Final = "in_flight"
-DELAYED: Final = "delayed"
-DEAD: Final = "dead"
 
 _RECEIPT_SEPARATOR: Final = "."
 
 
 @dataclass(frozen=True, slots=True)
-class Delivery:
-    """What a consumer gets: primitives only, since it is pickled to the worker."""
-
-    message_id: str
-    formula_id: str
-    fingerprint: str
-    receipt: str
-    """New for each delivery: ``"{message_id}.{token}"``."""
-    delivery: int
-    """1 for the first delivery, 2 for the second, ..."""
-    lease_expires_at: float
-    """Clock time after which the receipt is stale unless extended."""
-
-
-@dataclass(frozen=True, slots=True)
-class MessageInfo:
-    """One message as operators see it."""
-
-    message_id: str
-    formula_id: str
-    fingerprint: str
-    state: str
-    """``'ready'``, ``'in_flight'``, ``'delayed'`` or ``'dead'``."""
-    deliveries: int
-    consumer: str | None
-    """Holder of the current lease, if in flight."""
-    visible_at: float | None
-    """Delayed: when it becomes visible; in flight: the lease deadline."""
-
-
-@dataclass(frozen=True, slots=True)
 class QueueStats:
-    """Gauges (now) and counters (totals since this queue was created)."""
+    """Gauges (now) and counters (totals since this queue was created).
+
+    Named as the same figures of ``broker.interface.BrokerStats``.
+    """
 
     depth: int
     """Messages receivable now (ready)."""

@@ -1,7 +1,7 @@
 """The journal: every change to the broker's state, kept in an embedded SQLite file.
 
-The broker keeps its state in memory and hands each atomic step's changes
-(``broker.changes``) to :meth:`Journal.write` as one list, under its own
+The engine keeps its state in memory and hands each atomic step's changes
+(``changes``) to :meth:`Journal.write` as one list, under its own
 lock; :meth:`Journal.load` gives everything back on start.
 :class:`SqliteJournal` writes a WAL-mode file through the stdlib ``sqlite3``;
 :class:`MemoryJournal` (``FORMULARY_DATA=:memory:``) writes nothing.
@@ -21,25 +21,27 @@ A transaction is all or nothing in every case. The file is opened in exclusive
 locking mode and the write lock is held until :meth:`SqliteJournal.close`, so a
 second broker on the same file is refused instead of splitting the state.
 
-Schema (version 1, ``PRAGMA user_version``): ``formulas`` in submit order
-(``seq``), with materials as the record's packed ``name<TAB>decimal<TAB>...``
-text (``broker.store.pack_materials``) and the summary as JSON
-whose numbers are exact decimals (whole numbers come back as ``int``);
-``messages`` whose ``ord`` (the rowid) is bumped on bury and redrive, so one
-scan in rowid order yields the fresh FIFO, redriven messages after it and dead
-letters oldest first; ``keys`` in the order recorded, answers as JSON.
+Schema (version 2, ``PRAGMA user_version``; ``MIGRATIONS`` brings older
+files forward): ``formulas`` in submit order (``seq``), with materials as the
+record's packed ``name<TAB>decimal<TAB>...`` text (``store.pack_materials``)
+and the summary as JSON whose numbers are exact decimals (whole numbers come
+back as ``int``); ``messages`` whose ``ord`` (the rowid) is bumped on bury
+and redrive, so one scan in rowid order yields the fresh FIFO, redriven
+messages after it and dead letters oldest first; ``keys`` in the order
+recorded, each naming the formula its answer named.
 
 Costs: ``write`` is O(log n) per change (``ForgetKeys`` adds O(k) for the k
-keys dropped) plus one commit; a one-formula transaction with ``FULL`` takes
-about 0.1 ms on a local SSD. ``open`` runs ``PRAGMA quick_check``, O(file
-size): about 0.5 s for a million formulas. ``load`` is one sequential scan
+keys dropped) plus one commit, whose fsync dominates with ``FULL``. ``open``
+runs ``PRAGMA quick_check``, O(file size). ``load`` is one sequential scan
 per table, O(n), with no per-row queries and no decoding of materials.
+Measured figures are in ``bench/README.md``.
 """
 
 from __future__ import annotations
 
 import gc
 import itertools
+import json
 import logging
 import os
 import sqlite3
@@ -47,7 +49,8 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Final, Protocol
 
-from broker.changes import (
+from broker.engines import EngineError
+from broker.engines.embedded.changes import (
     BuryMessage,
     Change,
     CountDelivery,
@@ -60,8 +63,8 @@ from broker.changes import (
     RememberKey,
     StoreFormula,
 )
-from broker.idempotency import Remembered, decode_outcome, encode_outcome
-from broker.store import FormulaRecord
+from broker.engines.embedded.idempotency import Remembered
+from broker.engines.embedded.store import FormulaRecord
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +79,7 @@ __all__ = [
 MEMORY: Final = ":memory:"
 
 
-class JournalError(Exception):
+class JournalError(EngineError):
     """The journal file cannot be used; the message says why and what to do."""
 
     def __init__(self, message: str) -> None:
@@ -161,7 +164,36 @@ def _create_v1(conn: sqlite3.Connection) -> None:
         conn.execute(statement)
 
 
-MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {0: _create_v1}
+def _keys_name_their_formula(conn: sqlite3.Connection) -> None:
+    """v1 -> v2: a key keeps the id of the formula its answer named, not the whole answer."""
+    conn.execute(
+        """CREATE TABLE keys_v2 (
+            seq INTEGER PRIMARY KEY,
+            key TEXT NOT NULL,
+            body_digest TEXT NOT NULL,
+            expires_at REAL NOT NULL,
+            formula_id TEXT NOT NULL,
+            duplicate INTEGER NOT NULL
+        )"""
+    )
+    rows = []
+    for seq, key, digest, expires_at, outcome in conn.execute(
+        "SELECT seq, key, body_digest, expires_at, outcome FROM keys ORDER BY seq"
+    ):
+        answer = json.loads(outcome)
+        duplicate = answer["kind"] == "duplicate"
+        formula_id = answer["existing_id"] if duplicate else answer["formula"]["id"]
+        rows.append((seq, key, digest, expires_at, formula_id, int(duplicate)))
+    conn.executemany("INSERT INTO keys_v2 VALUES (?, ?, ?, ?, ?, ?)", rows)
+    conn.execute("DROP TABLE keys")
+    conn.execute("ALTER TABLE keys_v2 RENAME TO keys")
+    conn.execute("CREATE INDEX keys_by_expiry ON keys (expires_at)")
+
+
+MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {
+    0: _create_v1,
+    1: _keys_name_their_formula,
+}
 """``{version: step}``: each step turns a file of that version into the next one."""
 
 _TABLES = frozenset({"formulas", "messages", "keys"})
@@ -174,7 +206,9 @@ _INSERT_FORMULA = (
 _INSERT_MESSAGE = (
     "INSERT INTO messages (message_id, formula_id, deliveries, dead) VALUES (?, ?, 0, 0)"
 )
-_INSERT_KEY = "INSERT INTO keys (key, body_digest, expires_at, outcome) VALUES (?, ?, ?, ?)"
+_INSERT_KEY = (
+    "INSERT INTO keys (key, body_digest, expires_at, formula_id, duplicate) VALUES (?, ?, ?, ?, ?)"
+)
 _COUNT_MESSAGE = "UPDATE messages SET deliveries = ? WHERE message_id = ?"
 _COUNT_FORMULA = "UPDATE formulas SET deliveries = ? WHERE id = ?"
 _RECORD_RESULT = (
@@ -205,7 +239,7 @@ class SqliteJournal:
     JournalError, and the file is left as it was.
     """
 
-    SCHEMA_VERSION = 1
+    SCHEMA_VERSION = 2
 
     def __init__(
         self, path: str | Path, *, synchronous: str = "FULL", lock_timeout: float = 2.0
@@ -357,9 +391,10 @@ class SqliteJournal:
             formulas, fingerprints = _load_formulas(conn)
             messages = _load_messages(conn, fingerprints)
             keys = [
-                Remembered(key, digest, decode_outcome(outcome), expires_at)
-                for key, digest, expires_at, outcome in conn.execute(
-                    "SELECT key, body_digest, expires_at, outcome FROM keys ORDER BY seq"
+                Remembered(key, digest, formula_id, bool(duplicate), expires_at)
+                for key, digest, expires_at, formula_id, duplicate in conn.execute(
+                    "SELECT key, body_digest, expires_at, formula_id, duplicate"
+                    " FROM keys ORDER BY seq"
                 )
             ]
         except sqlite3.Error as exc:
@@ -456,7 +491,7 @@ def _plan_store(run: list[Any]) -> list[_Step]:
 
 def _plan_remember(run: list[Any]) -> list[_Step]:
     keys: list[Remembered] = [change.remembered for change in run]
-    rows = [(k.key, k.body_digest, k.expires_at, encode_outcome(k.outcome)) for k in keys]
+    rows = [(k.key, k.body_digest, k.expires_at, k.formula_id, k.duplicate) for k in keys]
     return [(_INSERT_KEY, rows)]
 
 

@@ -1,4 +1,9 @@
-"""The broker's transport: serve a ``Broker`` over ``multiprocessing.managers``.
+"""The broker's transport: its ``multiprocessing.managers`` server and the client half.
+
+The broker process serves one engine object with :func:`make_server`,
+exposing exactly ``broker.interface.METHODS``; other processes reach it
+through :class:`BrokerConnection` (``broker.client`` adds reconnection and
+retries on top).
 
 The manager protocol unpickles what it receives, so whoever holds the authkey
 can run code in the broker. Hence: the authkey is random, lives in an
@@ -13,28 +18,20 @@ import logging
 import os
 import secrets
 import socket
-from collections.abc import Mapping, Sequence
-from multiprocessing.managers import BaseManager, BaseProxy, Server
+import threading
+from multiprocessing.connection import Client, Connection
+from multiprocessing.managers import BaseManager, RemoteError, Server
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
-from broker.errors import FormularyError
-from broker.formula import FormulaDraft
-from broker.interface import (
-    BrokerStats,
-    Delivery,
-    FormulaPage,
-    FormulaView,
-    IdempotencyKey,
-    MessageInfo,
-    Submission,
-)
-from broker.service import EXPOSED, Broker
+from broker.interface import METHODS, Broker
 from broker.settings import Settings, SettingsError
 
 log = logging.getLogger(__name__)
 
-AUTHKEY_BYTES = 32
+AUTHKEY_BYTES: Final = 32
+TYPEID: Final = "broker"
+"""The name the broker object is registered under on the manager server."""
 
 
 class AuthkeyError(SettingsError):
@@ -88,95 +85,67 @@ def ensure_private_dir(path: Path) -> None:
         path.mkdir(mode=0o700, parents=True, exist_ok=True)
 
 
-class BrokerProxy(BaseProxy):
-    """Typed client-side stub: one method per exposed broker method."""
+class BrokerConnection:
+    """One connection to the broker's manager server, speaking its wire protocol.
 
-    _exposed_ = EXPOSED
+    The broker is a ``multiprocessing.managers`` server; this is the client
+    half of that protocol, written out instead of ``BaseProxy``. A
+    ``BaseProxy`` shares one connection per thread and address among every
+    proxy of the process and keeps it after a failed call, so after a broker
+    restart a new proxy could reuse a dead socket, or one reconnected to the
+    new broker where the old object id means nothing. Here a connection
+    belongs to one ``BrokerConnection``, and a failure ends it.
 
-    def _remote(self, method: str, *args: Any) -> Any:
-        # typeshed declares _callmethod as returning None; it returns the result.
-        call: Any = self._callmethod
-        return call(method, args)
+    The exchange: a first connection asks the server to ``create`` the
+    registered ``broker`` (the server hands back the one broker object's id);
+    a second one asks it to ``accept_connection`` and from then on carries
+    ``(id, method, args, kwargs)`` requests, each answered by a
+    ``(kind, result)`` pair. Both connections authenticate with the authkey.
+    Not thread-safe: one per thread.
+    """
 
-    def ping(self) -> bool:
-        return bool(self._remote("ping"))
+    def __init__(self, address: str | tuple[str, int], authkey: bytes) -> None:
+        with contextlib.closing(Client(address, authkey=authkey)) as first:
+            ident, _exposed = _exchange(first, None, "create", (TYPEID,), {})
+        self._ident: str = ident
+        self._connection = Client(address, authkey=authkey)
+        try:
+            name = f"client-{os.getpid()}-{threading.get_ident()}"
+            _exchange(self._connection, None, "accept_connection", (name,), {})
+        except BaseException:
+            self._connection.close()
+            raise
 
-    def submit(self, draft: FormulaDraft, idempotency: IdempotencyKey | None = None) -> Submission:
-        result: Submission = self._remote("submit", draft, idempotency)
+    def call(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """``method`` on the broker: its result, or the exception it raised (unpickled)."""
+        return _exchange(self._connection, self._ident, method, args, kwargs)
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self._connection.close()
+
+
+def _exchange(
+    connection: Connection,
+    ident: str | None,
+    method: str,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+) -> Any:
+    """One request and its answer, as ``multiprocessing.managers.Server`` speaks them.
+
+    The server answers ``("#RETURN", result)``, ``("#ERROR", exception)`` for
+    an exception the method raised, or a traceback's text when it could not
+    run the call at all (``#TRACEBACK``: say, a method it does not expose;
+    ``#UNSERIALIZABLE``: a result that does not pickle).
+    """
+    connection.send((ident, method, args, kwargs))
+    kind, result = connection.recv()
+    if kind == "#RETURN":
         return result
-
-    def submit_many(
-        self, requests: Sequence[tuple[FormulaDraft, IdempotencyKey | None]]
-    ) -> list[Submission | FormularyError]:
-        result: list[Submission | FormularyError] = self._remote("submit_many", list(requests))
-        return result
-
-    def get_formula(self, formula_id: str) -> FormulaView:
-        result: FormulaView = self._remote("get_formula", formula_id)
-        return result
-
-    def get_formulas(self, formula_ids: Sequence[str]) -> list[FormulaView | None]:
-        result: list[FormulaView | None] = self._remote("get_formulas", list(formula_ids))
-        return result
-
-    def list_formulas(self, limit: int, cursor: str | None = None) -> FormulaPage:
-        result: FormulaPage = self._remote("list_formulas", limit, cursor)
-        return result
-
-    def stats(self) -> BrokerStats:
-        result: BrokerStats = self._remote("stats")
-        return result
-
-    def receive(
-        self,
-        consumer: str,
-        max_messages: int = 1,
-        visibility_timeout: float | None = None,
-        wait_seconds: float = 0.0,
-    ) -> list[Delivery]:
-        result: list[Delivery] = self._remote(
-            "receive", consumer, max_messages, visibility_timeout, wait_seconds
-        )
-        return result
-
-    def complete(self, receipt: str, summary: Mapping[str, Any]) -> bool:
-        return bool(self._remote("complete", receipt, dict(summary)))
-
-    def complete_many(self, results: Sequence[tuple[str, Mapping[str, Any]]]) -> list[str]:
-        result: list[str] = self._remote(
-            "complete_many", [(receipt, dict(summary)) for receipt, summary in results]
-        )
-        return result
-
-    def ack(self, receipt: str) -> bool:
-        return bool(self._remote("ack", receipt))
-
-    def nack(self, receipt: str, delay: float = 0.0) -> None:
-        self._remote("nack", receipt, delay)
-
-    def extend(self, receipt: str, seconds: float) -> float:
-        return float(self._remote("extend", receipt, seconds))
-
-    def dead_letters(self, limit: int | None = None) -> list[MessageInfo]:
-        result: list[MessageInfo] = self._remote("dead_letters", limit)
-        return result
-
-    def redrive(self, message_id: str) -> None:
-        self._remote("redrive", message_id)
-
-    def redrive_all(self) -> int:
-        return int(self._remote("redrive_all"))
-
-    def message_info(self, message_id: str) -> MessageInfo:
-        result: MessageInfo = self._remote("message_info", message_id)
-        return result
-
-
-class BrokerManager(BaseManager):
-    """Client side: ``BrokerManager(address, authkey).connect()``, then ``.broker()``."""
-
-
-BrokerManager.register("broker", proxytype=BrokerProxy, create_method=True)
+    if kind == "#ERROR" and isinstance(result, BaseException):
+        raise result
+    raise RemoteError(f"{kind} from the broker calling {method!r}:\n{result}")
 
 
 def make_server(broker: Broker, settings: Settings) -> Server:
@@ -186,7 +155,7 @@ def make_server(broker: Broker, settings: Settings) -> Server:
     class _ServingManager(BaseManager):
         pass
 
-    _ServingManager.register("broker", callable=lambda: broker, exposed=EXPOSED)
+    _ServingManager.register(TYPEID, callable=lambda: broker, exposed=tuple(METHODS))
     address = settings.manager_address()
     if isinstance(address, str):
         ensure_private_dir(Path(address).parent)

@@ -1,6 +1,6 @@
 """The formula store and its dedupe index.
 
-Plain dictionaries, no locking: the broker facade (``broker.service``) holds its
+Plain dictionaries, no locking: the engine's facade (``service``) holds its
 lock around every call. Costs: ``add``/``discard_last``/``get``/
 ``by_fingerprint`` are O(1); ``page`` is O(limit).
 
@@ -23,6 +23,7 @@ import simplejson
 
 from broker.errors import InvalidCursor
 from broker.formula import Material
+from broker.interface import FormulaView, rfc3339
 
 
 class FormulaRecord:
@@ -82,6 +83,35 @@ class FormulaRecord:
     @property
     def summary(self) -> dict[str, Any] | None:
         return None if self.summary_json is None else unpack_summary(self.summary_json)
+
+
+def view(
+    record: FormulaRecord,
+    status: str,
+    materials: tuple[Material, ...] | None = None,
+    *,
+    as_submitted: bool = False,
+) -> FormulaView:
+    """The client's view of ``record`` in ``status``.
+
+    ``as_submitted`` shows it as its 202 did (undelivered, unprocessed):
+    everything in that answer is fixed when the formula is stored, so an
+    Idempotency-Key replays it byte for byte from the record alone.
+    ``materials`` saves unpacking what the caller has at hand.
+    """
+    processed_at = None if as_submitted else record.processed_at
+    return FormulaView(
+        id=record.formula_id,
+        name=record.name,
+        materials=record.materials if materials is None else materials,
+        fingerprint=record.fingerprint,
+        message_id=record.message_id,
+        created_at=rfc3339(record.created_at),
+        status=status,
+        deliveries=0 if as_submitted else record.deliveries,
+        processed_at=None if processed_at is None else rfc3339(processed_at),
+        summary=None if as_submitted else record.summary,
+    )
 
 
 def pack_materials(materials: Iterable[Material]) -> str:

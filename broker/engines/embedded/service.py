@@ -1,0 +1,473 @@
+"""The embedded engine's face: one object, one lock, every rule about the state.
+
+``EmbeddedBroker`` implements ``broker.interface.Broker``; tests call it
+directly and the broker process serves it (``broker.transport``). Each public
+method runs under one lock, so whatever it does is all-or-nothing with
+respect to every other caller.
+
+Durability: every change is written to the journal within the same call.
+
+- Submits (``submit_many``; the path itself is in ``admission``) change
+  memory, journal the group's changes in one transaction and take the memory
+  changes back if that write fails, so a client that got an error has
+  nothing stored anywhere. Submits that arrive while a commit is under way
+  share the next one (``broker.group``): each is still answered only after
+  the transaction that holds it has committed.
+- A result or an ack is checked, journalled, then applied (applying cannot fail).
+- Delivery counts, dead letters and redrives are journalled after the memory
+  change: a failed write there can only leave a count on disk lower than in
+  memory, and a restart makes every unacknowledged message visible again
+  anyway.
+
+``receive`` long-polls on a condition variable tied to the lock: the waiting
+thread sleeps until a publish, nack or redrive notifies it, or until the
+earliest lease or delay falls due, or until its own deadline.
+
+Times: the queue runs on the monotonic clock (leases must not jump with the
+wall clock); what leaves this object is in wall-clock epoch seconds.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import secrets
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import fields, replace
+from typing import Any
+
+from broker.engines.embedded.admission import Admission
+from broker.engines.embedded.changes import (
+    BuryMessage,
+    Change,
+    CountDelivery,
+    DeleteMessage,
+    ForgetKeys,
+    RecordResult,
+    Recovered,
+    RedriveMessage,
+)
+from broker.engines.embedded.idempotency import IdempotencyKeys
+from broker.engines.embedded.journal import Journal, MemoryJournal
+from broker.engines.embedded.queue import DeadLettered, MessageQueue, Redriven
+from broker.engines.embedded.store import FormulaRecord, FormulaStore, pack_summary, view
+from broker.errors import (
+    FormulaNotFound,
+    FormularyError,
+    InvalidSummary,
+    MessageNotFound,
+    StaleReceipt,
+    StorageFailed,
+)
+from broker.formula import FormulaDraft
+from broker.group import GroupCommit
+from broker.interface import (
+    ALREADY_ACKED,
+    COMPLETED,
+    DEAD,
+    FAILED,
+    INVALID_SUMMARY,
+    MAX_PAGE,
+    PROCESSED,
+    QUEUED,
+    STALE,
+    BrokerStats,
+    Delivery,
+    FormulaPage,
+    FormulaView,
+    IdempotencyKey,
+    MessageInfo,
+    Submission,
+    SubmitOutcome,
+    SubmitRequest,
+    unwrap,
+)
+
+log = logging.getLogger(__name__)
+
+Clock = Callable[[], float]
+
+MAX_BATCH = 100
+MAX_WAIT_SECONDS = 60.0
+
+
+def new_id() -> str:
+    """Opaque, unguessable, URL-safe: 128 random bits in 22 characters."""
+    return secrets.token_urlsafe(16)
+
+
+class EmbeddedBroker:
+    def __init__(
+        self,
+        *,
+        queue_capacity: int = 100_000,
+        visibility_timeout: float = 30.0,
+        max_deliveries: int = 5,
+        idempotency_ttl: float = 24 * 3600.0,
+        clock: Clock = time.monotonic,
+        wall_clock: Clock = time.time,
+        new_id: Callable[[], str] = new_id,
+        queue: MessageQueue | None = None,
+        journal: Journal | None = None,
+    ) -> None:
+        self._lock = threading.Condition(threading.Lock())
+        self._clock = clock
+        self._wall_clock = wall_clock
+        self._new_id = new_id
+        self._store = FormulaStore()
+        self._keys = IdempotencyKeys(idempotency_ttl)
+        self._queue = queue or MessageQueue(
+            capacity=queue_capacity,
+            visibility_timeout=visibility_timeout,
+            max_deliveries=max_deliveries,
+            clock=clock,
+        )
+        self._journal: Journal = journal or MemoryJournal()
+        self._keys_expired = False
+        self._submitted = 0
+        self._duplicates = 0
+        self._refused_capacity = 0
+        self._processed = 0
+        self._commits: GroupCommit[SubmitRequest, Submission] = GroupCommit(self._submit_group)
+        self._recover()
+
+    def close(self) -> None:
+        """Close the journal (not a broker method: the broker process calls it on exit)."""
+        with self._lock:
+            self._journal.close()
+
+    # -- submissions --------------------------------------------------------------------
+
+    def ping(self) -> bool:
+        return True
+
+    def submit(self, draft: FormulaDraft, idempotency: IdempotencyKey | None = None) -> Submission:
+        [outcome] = self.submit_many([(draft, idempotency)])
+        return unwrap(outcome)
+
+    def submit_many(self, requests: Sequence[SubmitRequest]) -> list[SubmitOutcome]:
+        # Callers that arrive while a group's commit is under way wait, and
+        # their submits form the next group: one journal transaction for all.
+        outcomes: list[SubmitOutcome] = []
+        for outcome in self._commits.outcomes(list(requests)):
+            if not isinstance(outcome, Submission | FormularyError):
+                raise outcome  # a bug, not an answer
+            outcomes.append(outcome)
+        return outcomes
+
+    def _submit_group(self, requests: Sequence[SubmitRequest]) -> list[SubmitOutcome]:
+        """Admit ``requests`` in order and journal them in one write: all, or each alone.
+
+        If the shared write fails, every memory change of the group is taken
+        back and, for a group of more than one, each request is run again
+        alone, so each gets the answer it would have had by itself.
+        """
+        with self._lock:
+            now = self._wall_clock()
+            if self._keys.expire(now):
+                self._keys_expired = True
+            outcomes = self._admit_and_write(requests, now)
+            if not isinstance(outcomes, StorageFailed):
+                return outcomes
+            if len(requests) == 1:
+                return [outcomes]
+            alone = [self._admit_and_write([request], now) for request in requests]
+            return [each if isinstance(each, StorageFailed) else each[0] for each in alone]
+
+    def _admit_and_write(
+        self, requests: Sequence[SubmitRequest], now: float
+    ) -> list[SubmitOutcome] | StorageFailed:
+        admission = Admission(self._store, self._keys, self._queue, self._new_id, now)
+        try:
+            outcomes = [admission.admit(draft, key) for draft, key in requests]
+            self._write(admission.changes, now)
+        except StorageFailed as failed:
+            admission.undo()
+            return failed
+        except BaseException:
+            admission.undo()
+            raise
+        self._submitted += admission.submitted
+        self._duplicates += admission.duplicates
+        self._refused_capacity += admission.refused_capacity
+        if admission.submitted:
+            self._lock.notify(admission.submitted)
+        return outcomes
+
+    def get_formula(self, formula_id: str) -> FormulaView:
+        with self._lock:
+            record = self._store.get(formula_id)
+            if record is None:
+                raise FormulaNotFound(formula_id)
+            return self._view(record)
+
+    def get_formulas(self, formula_ids: Sequence[str]) -> list[FormulaView | None]:
+        with self._lock:
+            records = [self._store.get(formula_id) for formula_id in formula_ids]
+            return [None if r is None else self._view(r) for r in records]
+
+    def list_formulas(self, limit: int, cursor: str | None = None) -> FormulaPage:
+        if not 1 <= limit <= MAX_PAGE:
+            raise ValueError(f"limit must be between 1 and {MAX_PAGE}")
+        with self._lock:
+            page = self._store.page(limit, cursor)
+            return FormulaPage(tuple(self._view(r) for r in page.records), page.next_cursor)
+
+    def stats(self) -> BrokerStats:
+        with self._lock:
+            queue = self._queue.stats()
+            return BrokerStats(
+                formulas=len(self._store),
+                submitted=self._submitted,
+                duplicates=self._duplicates,
+                refused_capacity=self._refused_capacity,
+                processed=self._processed,
+                # The queue's figures are the rest of BrokerStats, by the same names.
+                **{f.name: getattr(queue, f.name) for f in fields(queue)},
+            )
+
+    # -- consumers ---------------------------------------------------------------------
+
+    def receive(
+        self,
+        consumer: str,
+        max_messages: int = 1,
+        visibility_timeout: float | None = None,
+        wait_seconds: float = 0.0,
+    ) -> list[Delivery]:
+        max_messages = max(1, min(int(max_messages), MAX_BATCH))
+        wait_seconds = max(0.0, min(float(wait_seconds), MAX_WAIT_SECONDS))
+        deadline = self._clock() + wait_seconds
+        with self._lock:
+            while True:
+                deliveries = self._queue.receive(consumer, max_messages, visibility_timeout)
+                counts: list[Change] = []
+                for delivery in deliveries:
+                    record = self._store.get(delivery.formula_id)
+                    if record is not None:
+                        record.deliveries += 1
+                        counts.append(
+                            CountDelivery(
+                                delivery.message_id,
+                                delivery.formula_id,
+                                delivery.delivery,
+                                record.deliveries,
+                            )
+                        )
+                self._settle_events(counts)
+                now = self._clock()
+                if deliveries or now >= deadline:
+                    if deliveries:
+                        # New leases may fall due before other waiters' timeouts.
+                        self._lock.notify_all()
+                    return [
+                        replace(d, lease_expires_at=self._to_wall(d.lease_expires_at))
+                        for d in deliveries
+                    ]
+                due = self._queue.next_due()
+                timeout = deadline - now if due is None else min(deadline, due) - now
+                self._lock.wait(max(timeout, 0.0))
+
+    def complete(self, receipt: str, summary: Mapping[str, Any]) -> bool:
+        [outcome] = self.complete_many([(receipt, summary)])
+        if outcome == STALE:
+            raise StaleReceipt(receipt)
+        if outcome == INVALID_SUMMARY:
+            raise InvalidSummary("JSON cannot hold this summary")
+        return outcome == COMPLETED
+
+    def complete_many(self, results: Sequence[tuple[str, Mapping[str, Any]]]) -> list[str]:
+        """Check every lease, journal every result and ack in one write, then apply."""
+        with self._lock:
+            outcomes: list[str] = []
+            changes: list[Change] = []
+            applies: list[tuple[str, FormulaRecord | None, str]] = []
+            now = self._wall_clock()
+            seen: set[str] = set()
+            for receipt, summary in results:
+                outcome, lease = self._check_lease(receipt, seen)
+                if lease is not None:
+                    try:
+                        summary_json = pack_summary(summary)
+                    except (TypeError, ValueError):
+                        outcome = INVALID_SUMMARY
+                    else:
+                        record = self._store.get(lease.formula_id)
+                        if record is not None and record.processed_at is None:
+                            changes.append(
+                                RecordResult(record.formula_id, lease.message_id, now, summary_json)
+                            )
+                            record_to_mark = record
+                        else:
+                            changes.append(DeleteMessage(lease.message_id))
+                            record_to_mark = None
+                        applies.append((receipt, record_to_mark, summary_json))
+                        seen.add(lease.message_id)
+                outcomes.append(outcome)
+            if changes:
+                self._write(changes)
+            for receipt, record, summary_json in applies:
+                self._queue.ack(receipt)
+                if record is not None:
+                    record.processed_at = now
+                    record.summary_json = summary_json
+                    self._processed += 1
+            self._settle_events()
+            return outcomes
+
+    def _check_lease(self, receipt: str, seen: set[str]) -> tuple[str, MessageInfo | None]:
+        try:
+            lease = self._queue.lease(receipt)
+        except StaleReceipt:
+            return STALE, None
+        if lease is None or lease.message_id in seen:
+            return ALREADY_ACKED, None
+        return COMPLETED, lease
+
+    def ack(self, receipt: str) -> bool:
+        with self._lock:
+            lease = self._queue.lease(receipt)
+            if lease is None:
+                return False
+            self._write([DeleteMessage(lease.message_id)])
+            acked = self._queue.ack(receipt)
+            self._settle_events()
+            return acked
+
+    def nack(self, receipt: str, delay: float = 0.0) -> None:
+        with self._lock:
+            self._queue.nack(receipt, max(0.0, float(delay)))
+            self._settle_events()
+            self._lock.notify_all()
+
+    def extend(self, receipt: str, seconds: float) -> float:
+        with self._lock:
+            deadline = self._queue.extend(receipt, float(seconds))
+            self._settle_events()
+            return self._to_wall(deadline)
+
+    # -- operators ---------------------------------------------------------------------
+
+    def dead_letters(self, limit: int | None = None) -> list[MessageInfo]:
+        with self._lock:
+            dead = self._queue.dead_letters(limit)
+            self._settle_events()
+            return dead
+
+    def redrive(self, message_id: str) -> None:
+        with self._lock:
+            self._queue.redrive(message_id)
+            self._settle_events()
+            self._lock.notify()
+
+    def redrive_all(self) -> int:
+        with self._lock:
+            count = self._queue.redrive_all()
+            self._settle_events()
+            self._lock.notify(count)
+            return count
+
+    def message_info(self, message_id: str) -> MessageInfo:
+        with self._lock:
+            info = self._queue.info(message_id)
+            self._settle_events()
+            if info is None:
+                raise MessageNotFound(message_id)
+            if info.visible_at is None:
+                return info
+            return replace(info, visible_at=self._to_wall(info.visible_at))
+
+    # -- internals ---------------------------------------------------------------------
+
+    def _write(self, changes: list[Change], now: float | None = None) -> None:
+        """Journal ``changes`` in one transaction; a failure becomes ``StorageFailed``.
+
+        With ``now`` (a submit's time), keys that expired since the last such
+        write are forgotten on disk in the same transaction.
+        """
+        if now is not None and self._keys_expired:
+            changes = [*changes, ForgetKeys(now)]
+        if not changes:
+            return
+        try:
+            self._journal.write(changes)
+        except Exception as exc:
+            log.error("journal write failed: %r", exc)
+            raise StorageFailed(f"{type(exc).__name__}: {exc}") from None
+        if now is not None:
+            self._keys_expired = False
+
+    def _settle_events(self, changes: list[Change] | None = None) -> None:
+        """Journal what the queue did on its own: dead letters and redrives."""
+        changes = list(changes or ())
+        for event in self._queue.drain_events():
+            if isinstance(event, DeadLettered):
+                log.warning(
+                    "dead-lettered message %s of formula %s after %d deliveries",
+                    event.message_id,
+                    event.formula_id,
+                    event.deliveries,
+                )
+                changes.append(BuryMessage(event.message_id))
+            elif isinstance(event, Redriven):
+                changes.append(RedriveMessage(event.message_id))
+        if changes:
+            self._write(changes)
+
+    def _view(self, record: FormulaRecord) -> FormulaView:
+        if record.processed_at is not None:
+            status = PROCESSED
+        else:
+            info = self._queue.info(record.message_id)
+            status = FAILED if info is not None and info.state == DEAD else QUEUED
+        return view(record, status)
+
+    def _to_wall(self, moment: float) -> float:
+        """A time on the queue's monotonic clock as the wall-clock time it stands for."""
+        return self._wall_clock() + (moment - self._clock())
+
+    # -- recovery ----------------------------------------------------------------------
+
+    def _recover(self) -> None:
+        """Rebuild store, index, keys and queue from the journal."""
+        # Millions of new objects, none of them garbage: collecting while
+        # building them only costs time.
+        collecting = gc.isenabled()
+        gc.disable()
+        try:
+            self._rebuild(self._journal.load())
+        finally:
+            if collecting:
+                gc.enable()
+
+    def _rebuild(self, recovered: Recovered) -> None:
+        for record in recovered.formulas:
+            self._store.add(record)
+        buried: list[Change] = []
+        for message in recovered.messages:
+            # A message that used its last delivery before the crash is dead:
+            # its lease would have run out into the dead letters.
+            dead = message.dead or message.deliveries >= self._queue.max_deliveries
+            if dead and not message.dead:
+                buried.append(BuryMessage(message.message_id))
+            self._queue.restore(
+                message.message_id,
+                message.formula_id,
+                message.fingerprint,
+                message.deliveries,
+                dead,
+            )
+        for remembered in recovered.keys:
+            self._keys.restore(remembered)
+        self._keys_expired = self._keys.expire(self._wall_clock()) > 0
+        if buried:
+            self._journal.write(buried)
+        if recovered.formulas or recovered.messages:
+            log.info(
+                "recovered %d formulas, %d unacknowledged messages, %d idempotency keys",
+                len(recovered.formulas),
+                len(recovered.messages),
+                len(recovered.keys),
+            )
