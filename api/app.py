@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import logging
-
 import falcon
 
 from api import problems
@@ -14,9 +12,7 @@ from api.middleware import RequestLog
 from api.openapi import OpenApiResource
 from broker.client import BrokerClient
 from broker.interface import SubmissionBroker
-from broker.settings import Settings
-
-LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(process)d] %(message)s"
+from broker.settings import Settings, configure_logging
 
 
 def create_app(broker: SubmissionBroker) -> falcon.App[falcon.Request, falcon.Response]:
@@ -35,5 +31,5 @@ def get_app(settings: Settings | None = None) -> falcon.App[falcon.Request, falc
     settings = settings or Settings.from_env()
     # Our loggers (api.access, broker.client...) go to stderr at the configured
     # level; gunicorn's own loggers keep their handlers.
-    logging.basicConfig(level=settings.log_level, format=LOG_FORMAT)
+    configure_logging(settings)
     return create_app(BrokerClient(settings))

@@ -166,7 +166,7 @@ def _unavailable(
 def _storage_failed(
     req: falcon.Request, resp: falcon.Response, ex: StorageFailed, params: Any
 ) -> None:
-    log.error("broker could not journal a change: %s", ex.reason)
+    log.error("broker could not store a change: %s", ex.reason)
     raise Problem(
         503,
         "storage-failed",

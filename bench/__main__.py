@@ -23,13 +23,14 @@ import json
 import logging
 import os
 import signal
+import subprocess
 import sys
 import time
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
-from bench import pipeline, report, scale
+from bench import memory, pipeline, report, scale
 from bench.load import Aggregate, Generator, LoadResult, Plan, wrk_available
 from bench.stack import ROOT, Stack, StartError, request
 
@@ -280,10 +281,11 @@ def main(argv: list[str] | None = None) -> int:
         http_phase(config, plan, results)
         pipeline_phase(config, plan, results)
         scale_phase(config, results)
+        results.memory = memory.measure(2_000 if config.mode == "smoke" else 20_000)
     except KeyboardInterrupt:
         log.error("interrupted: every started process was stopped")
         return EXIT_INTERRUPTED
-    except (StartError, RuntimeError, OSError) as exc:
+    except (StartError, RuntimeError, OSError, subprocess.CalledProcessError) as exc:
         log.error("benchmark failed: %s", exc)
         return EXIT_FAILED
     log.info("done in %.0f s", time.monotonic() - started)

@@ -11,6 +11,7 @@ from importlib import metadata
 from typing import Any
 
 from bench.load import Aggregate, wrk_available
+from bench.memory import MemoryFigures
 from bench.pipeline import DrainResult, LatencyResult
 from bench.scale import ScalePoint
 from bench.stack import ROOT
@@ -55,6 +56,7 @@ class Results:
     drain: DrainResult | None = None
     latency: LatencyResult | None = None
     scale: list[ScalePoint] = field(default_factory=list)
+    memory: MemoryFigures | None = None
     warnings: list[str] = field(default_factory=list)
 
     def scenario(self, key: str) -> Scenario | None:
@@ -193,6 +195,17 @@ def targets(results: Results) -> list[Target]:
     else:
         found.append(Target("submit p99 at 1,000,000 vs at 0", "≤ 1.25x", "not measured", None))
         found.append(Target("broker memory per stored formula", "< 1,024 B", "not measured", None))
+    memory = results.memory
+    if memory is not None:
+        ratio = memory.key_bytes / memory.formula_bytes
+        found.append(
+            Target(
+                "memory of an Idempotency-Key over its formula's",
+                "< 0.5x",
+                f"{memory.key_bytes:,.0f} B / {memory.formula_bytes:,.0f} B = {ratio:.2f}x",
+                ratio < 0.5,
+            )
+        )
     if big is not None:
         found.append(
             Target(
@@ -318,7 +331,15 @@ def render(results: Results) -> str:
     scale = _scale_rows(results)
     if scale:
         lines += ["", *scale]
-    lines += ["", "| target (issue 6) | goal | measured | result |", "|---|---|---|---|"]
+    if results.memory is not None:
+        m = results.memory
+        lines += [
+            "",
+            f"Broker memory (tracemalloc, {m.count:,} submits each, `bench/memory.py`): "
+            f"{m.formula_bytes:,.0f} B per formula, {m.key_bytes:,.0f} B more per "
+            "Idempotency-Key.",
+        ]
+    lines += ["", "| target | goal | measured | result |", "|---|---|---|---|"]
     for t in targets(results):
         verdict = "not measured" if t.passed is None else ("pass" if t.passed else "**miss**")
         lines.append(f"| {t.name} | {t.goal} | {t.measured} | {verdict} |")

@@ -14,7 +14,7 @@ from types import FrameType
 
 from broker.admin import AdminCommands, AdminServer
 from broker.engines import EngineError, open_engine
-from broker.settings import Settings, SettingsError
+from broker.settings import Settings, SettingsError, configure_logging
 from broker.transport import make_server
 
 log = logging.getLogger("broker")
@@ -52,10 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     except SettingsError as exc:
         print(f"broker: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    logging.basicConfig(
-        level=settings.log_level,
-        format="%(asctime)s %(levelname)s %(name)s [%(process)d] %(message)s",
-    )
+    configure_logging(settings)
     try:
         broker = open_engine(settings)
     except EngineError as exc:

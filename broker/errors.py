@@ -1,4 +1,4 @@
-"""The broker's domain errors: one tree, mapped to HTTP in ``api/errors.py``.
+"""The broker's domain errors: one tree, mapped to HTTP in ``api/problems.py``.
 
 These cross the manager connection by pickling. Unpickling calls
 ``cls(*exc.args)``, so every class passes *all* of its constructor arguments,
@@ -135,7 +135,7 @@ class MessageNotFound(FormularyError):
 
 
 class StorageFailed(FormularyError):
-    """The journal could not record a change; nothing that was asked happened."""
+    """The engine could not make a change durable; nothing that was asked happened."""
 
     def __init__(self, reason: str) -> None:
         super().__init__(reason)

@@ -2,17 +2,21 @@
 
 Every setting has a default that works on one machine. The ``FORMULARY_*`` names
 are fixed by the SPEC because operators and scripts depend on them. No other
-module reads ``os.environ``.
+module reads ``FORMULARY_*`` variables; the one other variable read is
+prometheus_client's own ``PROMETHEUS_MULTIPROC_DIR``, which
+``gunicorn.conf.py`` sets and ``api/metrics.py`` must agree with.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 PREFIX = "FORMULARY_"
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(process)d] %(message)s"
 DEFAULT_HANDLER = "worker.handlers:summarise"
 
 
@@ -121,3 +125,8 @@ _PARSERS: dict[str, Callable[[str], object]] = {
     "idempotency_ttl": _positive_float,
     "log_level": str.upper,
 }
+
+
+def configure_logging(settings: Settings) -> None:
+    """Every process's own log lines: stderr, one format, at ``FORMULARY_LOG_LEVEL``."""
+    logging.basicConfig(level=settings.log_level, format=LOG_FORMAT)

@@ -20,7 +20,7 @@ from dataclasses import replace
 from types import FrameType
 
 from broker.client import BrokerClient
-from broker.settings import Settings, SettingsError
+from broker.settings import Settings, SettingsError, configure_logging
 from worker.consumer import Backoff, Consumer, Heartbeat
 from worker.handlers import load_handler
 
@@ -75,10 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     except (SettingsError, ValueError, ImportError) as exc:
         print(f"worker: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    logging.basicConfig(
-        level=settings.log_level,
-        format="%(asctime)s %(levelname)s %(name)s [%(process)d] %(message)s",
-    )
+    configure_logging(settings)
     signals = Signals()
     signal.signal(signal.SIGTERM, signals)
     signal.signal(signal.SIGINT, signals)

@@ -140,7 +140,7 @@ class Consumer:
 
         Three round trips a batch, not two a message: the formulas are read
         together, and the results are recorded and acked together (one
-        journal write) once the batch is done or the consumer is stopping.
+        durable write) once the batch is done or the consumer is stopping.
         """
         if self._stop.is_set():
             return 0

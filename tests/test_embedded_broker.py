@@ -1,4 +1,4 @@
-"""The broker object: atomic submit, dedupe, capacity, idempotency keys, processing."""
+"""The embedded engine's broker object, on a stepped clock: submit, dedupe, capacity, keys."""
 
 from __future__ import annotations
 
