@@ -1,10 +1,11 @@
 """Group commit: concurrent callers share one pass through a batch function.
 
-A durable submit costs one journal commit, and a commit costs about the same
-for one formula as for ten (its fsync dominates); a round trip to the broker
-likewise costs about the same for one submit as for several. The broker puts
-its submits through a :class:`GroupCommit` (one journal transaction per group)
-and so does ``broker.client`` (one ``submit_many`` round trip per group).
+A round trip to the broker costs about the same for one submit as for
+several, and so does the journal commit behind it (its fsync dominates).
+``broker.client`` puts a process's submits through a :class:`GroupCommit`:
+the submits its threads make while one ``submit_many`` is under way go
+together in the next, and the engine commits each ``submit_many`` as one
+transaction.
 
 It is flat combining. Each caller adds its items to a waiting list. If no
 group is being applied, that caller leads: it takes the whole list and runs

@@ -8,11 +8,11 @@ respect to every other caller.
 Durability: every change is written to the journal within the same call.
 
 - Submits (``submit_many``; the path itself is in ``admission``) change
-  memory, journal the group's changes in one transaction and take the memory
-  changes back if that write fails, so a client that got an error has
-  nothing stored anywhere. Submits that arrive while a commit is under way
-  share the next one (``broker.group``): each is still answered only after
-  the transaction that holds it has committed.
+  memory, journal the whole call's changes in one transaction and take the
+  memory changes back if that write fails, so a client that got an error
+  has nothing stored anywhere. The client sends the submits a process has
+  ready in one ``submit_many`` (``broker.client``), so one commit serves them
+  all; each is answered only after it.
 - A result or an ack is checked, journalled, then applied (applying cannot fail).
 - Delivery counts, dead letters and redrives are journalled after the memory
   change: a failed write there can only leave a count on disk lower than in
@@ -55,14 +55,12 @@ from broker.engines.embedded.queue import DeadLettered, MessageQueue, Redriven
 from broker.engines.embedded.store import FormulaRecord, FormulaStore, pack_summary, view
 from broker.errors import (
     FormulaNotFound,
-    FormularyError,
     InvalidSummary,
     MessageNotFound,
     StaleReceipt,
     StorageFailed,
 )
 from broker.formula import FormulaDraft
-from broker.group import GroupCommit
 from broker.interface import (
     ALREADY_ACKED,
     COMPLETED,
@@ -130,7 +128,6 @@ class EmbeddedBroker:
         self._duplicates = 0
         self._refused_capacity = 0
         self._processed = 0
-        self._commits: GroupCommit[SubmitRequest, Submission] = GroupCommit(self._submit_group)
         self._recover()
 
     def close(self) -> None:
@@ -148,21 +145,11 @@ class EmbeddedBroker:
         return unwrap(outcome)
 
     def submit_many(self, requests: Sequence[SubmitRequest]) -> list[SubmitOutcome]:
-        # Callers that arrive while a group's commit is under way wait, and
-        # their submits form the next group: one journal transaction for all.
-        outcomes: list[SubmitOutcome] = []
-        for outcome in self._commits.outcomes(list(requests)):
-            if not isinstance(outcome, Submission | FormularyError):
-                raise outcome  # a bug, not an answer
-            outcomes.append(outcome)
-        return outcomes
-
-    def _submit_group(self, requests: Sequence[SubmitRequest]) -> list[SubmitOutcome]:
         """Admit ``requests`` in order and journal them in one write: all, or each alone.
 
-        If the shared write fails, every memory change of the group is taken
-        back and, for a group of more than one, each request is run again
-        alone, so each gets the answer it would have had by itself.
+        If the shared write fails, every memory change of the call is taken
+        back and, for more than one request, each is run again alone, so each
+        gets the answer it would have had by itself.
         """
         with self._lock:
             now = self._wall_clock()
