@@ -6,6 +6,7 @@ plumbing each names. ``preload_app`` stays off so every worker imports the
 app, and so connects to the broker and sets up its metrics, after the fork.
 """
 
+import math
 import os
 import shutil
 import tempfile
@@ -35,14 +36,22 @@ reuse_port = not _settings.bind.startswith("unix:")
 #
 # Worker processes
 #
-# gthread keeps HTTP connections alive and gives each thread its own broker
-# connection; the broker process does the real work, so a few workers suffice.
-worker_class = "gthread"
+# gevent: each connection is a greenlet, so a client that stalls mid-request,
+# or a keep-alive connection that idles, holds its socket and nothing that
+# other clients need (with threads, a dozen stalled clients held every thread).
+# The broker client waits on sockets and locks gevent patches, so requests in
+# flight share broker round trips (submits go together in one submit_many).
+# The broker process does the real work, so one worker per core suffices.
+worker_class = "gevent"
 workers = _settings.web_workers
-threads = _settings.web_threads
+worker_connections = _settings.web_connections
 timeout = 30
 graceful_timeout = 10
-keepalive = 5
+# How long an idle keep-alive connection stays open, and, in gunicorn's gevent
+# worker, how long a connection has to send a request's head: a client that
+# stalls there is cut off after FORMULARY_READ_TIMEOUT, as one that stalls in
+# the body is (api.connections).
+keepalive = math.ceil(_settings.read_timeout)  # gunicorn takes whole seconds
 
 #
 # Limits (the API itself refuses bodies over 64 KiB with 413)

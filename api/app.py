@@ -5,6 +5,7 @@ from __future__ import annotations
 import falcon
 
 from api import problems
+from api.connections import CloseUnread, WSGIApp, honour_connection_close
 from api.formulas import FormulaResource, FormulasResource
 from api.health import HealthResource
 from api.metrics import MetricsResource
@@ -15,9 +16,11 @@ from broker.interface import SubmissionBroker
 from broker.settings import Settings, configure_logging
 
 
-def create_app(broker: SubmissionBroker) -> falcon.App[falcon.Request, falcon.Response]:
-    app = falcon.App(middleware=[RequestLog()])
-    app.add_route("/formulas", FormulasResource(broker))
+def create_app(
+    broker: SubmissionBroker, *, read_timeout: float = Settings.read_timeout
+) -> falcon.App[falcon.Request, falcon.Response]:
+    app = falcon.App(middleware=(RequestLog(), CloseUnread()))
+    app.add_route("/formulas", FormulasResource(broker, read_timeout))
     app.add_route("/formulas/{formula_id}", FormulaResource(broker))
     app.add_route("/health", HealthResource(broker))
     app.add_route("/metrics", MetricsResource(broker))
@@ -26,10 +29,11 @@ def create_app(broker: SubmissionBroker) -> falcon.App[falcon.Request, falcon.Re
     return app
 
 
-def get_app(settings: Settings | None = None) -> falcon.App[falcon.Request, falcon.Response]:
+def get_app(settings: Settings | None = None) -> WSGIApp:
     """The app on a broker client that connects lazily, after gunicorn's fork."""
     settings = settings or Settings.from_env()
     # Our loggers (api.access, broker.client...) go to stderr at the configured
     # level; gunicorn's own loggers keep their handlers.
     configure_logging(settings)
-    return create_app(BrokerClient(settings))
+    app = create_app(BrokerClient(settings), read_timeout=settings.read_timeout)
+    return honour_connection_close(app)

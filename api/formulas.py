@@ -6,6 +6,7 @@ import hashlib
 
 import falcon
 
+from api import connections
 from api.problems import Problem, invalid
 from api.representation import dumps, formula_location
 from broker.errors import FieldError
@@ -22,13 +23,14 @@ MAX_CURSOR_LENGTH = 64
 
 
 class FormulasResource:
-    def __init__(self, broker: SubmissionBroker) -> None:
+    def __init__(self, broker: SubmissionBroker, read_timeout: float) -> None:
         self._broker = broker
+        self._read_timeout = read_timeout
 
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
         require_json(req)
         key = idempotency_key(req)
-        body = read_body(req)
+        body = read_body(req, self._read_timeout)
         document = parse_json(body)
         draft = validate_formula(document)
         idempotency = None
@@ -77,21 +79,25 @@ def require_json(req: falcon.Request) -> None:
         )
 
 
-def read_body(req: falcon.Request) -> bytes:
-    """The body, refused with 413 past ``MAX_BODY_BYTES`` without reading the rest."""
+def read_body(req: falcon.Request, read_timeout: float) -> bytes:
+    """The body: 413 past ``MAX_BODY_BYTES`` (the rest is never read), 408 past the deadline.
+
+    Either refusal leaves bytes unread, so its answer closes the connection
+    (``api.connections.CloseUnread``).
+    """
     length = req.content_length
     if length is not None and length > MAX_BODY_BYTES:
         raise _too_large()
-    body: bytes = req.bounded_stream.read(MAX_BODY_BYTES + 1)
+    try:
+        body = connections.read_body(req, MAX_BODY_BYTES, read_timeout)
+    except connections.BodyTimeout as exc:
+        raise Problem(408, "request-timeout", f"{exc}; send the whole request sooner.") from None
     if len(body) > MAX_BODY_BYTES:
         raise _too_large()
     return body
 
 
 def _too_large() -> Problem:
-    # The rest of the body is never read here; gunicorn discards it before it
-    # reads the next request on the connection (WSGI apps may not set the
-    # hop-by-hop Connection header themselves).
     return Problem(413, "body-too-large", f"The body is larger than {MAX_BODY_BYTES} bytes.")
 
 

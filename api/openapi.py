@@ -385,7 +385,13 @@ PATHS: Document = {
                     "DuplicateProblem",
                     headers=("Location", "Idempotent-Replayed"),
                 ),
-                "413": problem(f"The body is over {MAX_BODY_BYTES} bytes; it was not read."),
+                "408": problem(
+                    "The body did not arrive within the read timeout; the connection is closed."
+                ),
+                "413": problem(
+                    f"The body is over {MAX_BODY_BYTES} bytes; it was not read, and the "
+                    "connection is closed."
+                ),
                 "415": problem("The body is not application/json.", headers=("Accept-Post",)),
                 "422": problem("This Idempotency-Key came first with a different body."),
                 "503": ref("responses", "Unavailable"),

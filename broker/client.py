@@ -2,11 +2,19 @@
 
 ``BrokerClient`` offers every method of ``broker.interface.Broker``: each one
 named in ``METHODS`` is made here as a remote call, so the list is never
-written out again. It connects lazily, on a thread's first call, so a client
-made before ``os.fork`` (as gunicorn forks) is never shared: each process and
-each thread makes its own connection. When the broker goes away it raises
-``BrokerUnavailable`` and connects afresh on the next call, so callers
-recover by themselves once the broker is back.
+written out again.
+
+Connections. A call takes an idle connection from the client's pool (the
+newest first), or opens one, and puts it back when the answer is in; a
+connection that fails is closed, never reused. At most ``max_connections``
+calls are under way at once (each holds one connection, and each connection
+holds a thread in the broker); further callers wait for a free one. The
+pool is the process's own: a client made before ``os.fork`` (as gunicorn
+forks) starts afresh in the child. It works the same for threads and for
+gevent's greenlets (the API's workers), since every wait is on a lock or a
+socket. When the broker goes away calls raise ``BrokerUnavailable``, and the
+next call connects afresh, so callers recover by themselves once the broker
+is back.
 
 Retries. A call whose request may have reached the broker is sent again only
 when the method is ``read_only``. Any other call is sent again only when the
@@ -27,9 +35,10 @@ import os
 import threading
 from collections.abc import Callable, Sequence
 from multiprocessing import AuthenticationError
+from multiprocessing.managers import RemoteError
 from typing import TYPE_CHECKING, Any
 
-from broker.errors import BrokerUnavailable
+from broker.errors import BrokerUnavailable, FormularyError
 from broker.formula import FormulaDraft
 from broker.group import GroupCommit
 from broker.interface import (
@@ -51,13 +60,21 @@ _NOT_SENT = (ConnectionRefusedError, FileNotFoundError, BrokenPipeError)
 _CONNECTION_LOST = (OSError, EOFError)
 
 
+DEFAULT_MAX_CONNECTIONS = 32
+
+
 class BrokerClient:
     """A broker in another process, reached over the manager protocol."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(
+        self, settings: Settings, *, max_connections: int = DEFAULT_MAX_CONNECTIONS
+    ) -> None:
         self._settings = settings
-        self._local = threading.local()
+        self._max_connections = max_connections
         self._pid = os.getpid()
+        self._lock = threading.Lock()
+        self._idle: list[BrokerConnection] = []
+        self._slots = threading.BoundedSemaphore(max_connections)
         self._submits: GroupCommit[SubmitRequest, Submission] = GroupCommit(self._submit_group)
 
     def submit(self, draft: FormulaDraft, idempotency: IdempotencyKey | None = None) -> Submission:
@@ -70,26 +87,37 @@ class BrokerClient:
 
     def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
         """``method`` on the broker, reconnecting and retrying as the module says."""
-        for attempt in (1, 2):
-            connection = self._connection()
-            try:
-                return connection.call(method, args, kwargs)
-            except _NOT_SENT as exc:
-                self._drop(exc)
-                if attempt == 2:
-                    raise BrokerUnavailable(_describe(exc)) from None
-            except _CONNECTION_LOST as exc:
-                self._drop(exc)
-                if attempt == 2 or not METHODS[method]:
-                    raise BrokerUnavailable(_describe(exc)) from None
+        self._after_fork()
+        with self._slots:
+            for attempt in (1, 2):
+                connection = self._take()
+                try:
+                    result = connection.call(method, args, kwargs)
+                except _NOT_SENT as exc:
+                    self._drop(connection, exc)
+                    if attempt == 2:
+                        raise BrokerUnavailable(_describe(exc)) from None
+                except _CONNECTION_LOST as exc:
+                    self._drop(connection, exc)
+                    if attempt == 2 or not METHODS[method]:
+                        raise BrokerUnavailable(_describe(exc)) from None
+                except (FormularyError, RemoteError):
+                    self._give(connection)  # an answer: the connection is fine
+                    raise
+                except BaseException:
+                    connection.close()  # it may be mid-message
+                    raise
+                else:
+                    self._give(connection)
+                    return result
         raise AssertionError("unreachable")
 
     def close(self) -> None:
-        """Close this thread's connection (its next call makes a new one)."""
-        connection: BrokerConnection | None = getattr(self._local, "connection", None)
-        if connection is not None:
+        """Close the idle connections (the next call opens a new one)."""
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for connection in idle:
             connection.close()
-        self._local.connection = None
 
     if TYPE_CHECKING:
         # The remote methods are made below, from METHODS; to a type checker
@@ -100,17 +128,20 @@ class BrokerClient:
         if os.getpid() != self._pid:
             # Forked: the parent's connections, and any group it had under
             # way, belong to the parent.
-            self._local = threading.local()
-            self._submits = GroupCommit(self._submit_group)
             self._pid = os.getpid()
+            self._lock = threading.Lock()
+            self._idle = []
+            self._slots = threading.BoundedSemaphore(self._max_connections)
+            self._submits = GroupCommit(self._submit_group)
 
-    def _connection(self) -> BrokerConnection:
-        self._after_fork()
-        connection: BrokerConnection | None = getattr(self._local, "connection", None)
-        if connection is None:
-            connection = self._connect()
-            self._local.connection = connection
-        return connection
+    def _take(self) -> BrokerConnection:
+        with self._lock:
+            idle = self._idle.pop() if self._idle else None
+        return idle if idle is not None else self._connect()
+
+    def _give(self, connection: BrokerConnection) -> None:
+        with self._lock:
+            self._idle.append(connection)
 
     def _connect(self) -> BrokerConnection:
         try:
@@ -126,9 +157,10 @@ class BrokerClient:
         log.info("connected to broker at %s", self._settings.broker_address)
         return connection
 
-    def _drop(self, exc: BaseException) -> None:
-        if getattr(self._local, "connection", None) is not None:
-            log.warning("lost the broker connection (%s); will reconnect", _describe(exc))
+    def _drop(self, connection: BrokerConnection, exc: BaseException) -> None:
+        log.warning("lost the broker connection (%s); will reconnect", _describe(exc))
+        connection.close()
+        # The others were opened to the same broker: if it went away, so did they.
         self.close()
 
 

@@ -33,7 +33,8 @@ class Settings:
     admin_socket: Path = Path("var/admin.sock")
     bind: str = "127.0.0.1:8000"
     web_workers: int = 2
-    web_threads: int = 4
+    web_connections: int = 1000
+    read_timeout: float = 10.0
     queue_capacity: int = 100_000
     visibility_timeout: float = 30.0
     max_deliveries: int = 5
@@ -74,6 +75,8 @@ class Settings:
             raise SettingsError(f"{PREFIX}QUEUE_CAPACITY must be at least 1")
         if self.visibility_timeout <= 0:
             raise SettingsError(f"{PREFIX}VISIBILITY_TIMEOUT must be positive")
+        if self.web_connections < 1:
+            raise SettingsError(f"{PREFIX}WEB_CONNECTIONS must be at least 1")
         if self.max_deliveries < 1:
             raise SettingsError(f"{PREFIX}MAX_DELIVERIES must be at least 1")
         if ":" not in self.handler:
@@ -117,7 +120,8 @@ _PARSERS: dict[str, Callable[[str], object]] = {
     "admin_socket": Path,
     "bind": str,
     "web_workers": int,
-    "web_threads": int,
+    "web_connections": int,
+    "read_timeout": _positive_float,
     "queue_capacity": int,
     "visibility_timeout": _positive_float,
     "max_deliveries": int,

@@ -16,13 +16,15 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import pickle
 import secrets
 import socket
+import struct
 import threading
-from multiprocessing.connection import Client, Connection
+from multiprocessing.connection import answer_challenge, deliver_challenge
 from multiprocessing.managers import BaseManager, RemoteError, Server
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, cast
 
 from broker.interface import METHODS, Broker
 from broker.settings import Settings, SettingsError
@@ -30,6 +32,8 @@ from broker.settings import Settings, SettingsError
 log = logging.getLogger(__name__)
 
 AUTHKEY_BYTES: Final = 32
+CONNECT_TIMEOUT: Final = 5.0
+"""Seconds to connect and authenticate before giving up on the broker."""
 TYPEID: Final = "broker"
 """The name the broker object is registered under on the manager server."""
 
@@ -89,44 +93,125 @@ class BrokerConnection:
     """One connection to the broker's manager server, speaking its wire protocol.
 
     The broker is a ``multiprocessing.managers`` server; this is the client
-    half of that protocol, written out instead of ``BaseProxy``. A
-    ``BaseProxy`` shares one connection per thread and address among every
-    proxy of the process and keeps it after a failed call, so after a broker
-    restart a new proxy could reuse a dead socket, or one reconnected to the
-    new broker where the old object id means nothing. Here a connection
-    belongs to one ``BrokerConnection``, and a failure ends it.
+    half of that protocol, written out instead of ``BaseProxy``, for two
+    reasons. A ``BaseProxy`` shares one connection per thread and address
+    among every proxy of the process and keeps it after a failed call, so
+    after a broker restart a new proxy could reuse a dead socket, or one
+    reconnected to the new broker where the old object id means nothing; here
+    a connection belongs to one ``BrokerConnection``, and a failure ends it.
+    And ``multiprocessing.connection`` reads and writes the raw file
+    descriptor, which blocks a whole process under an event loop; here every
+    byte goes through a ``socket`` object, so under gevent (the API's
+    workers) a call waits cooperatively like any other socket.
 
     The exchange: a first connection asks the server to ``create`` the
     registered ``broker`` (the server hands back the one broker object's id);
     a second one asks it to ``accept_connection`` and from then on carries
     ``(id, method, args, kwargs)`` requests, each answered by a
-    ``(kind, result)`` pair. Both connections authenticate with the authkey.
-    Not thread-safe: one per thread.
+    ``(kind, result)`` pair. Both authenticate with the authkey by the
+    standard library's challenge. Messages are pickles framed as
+    ``multiprocessing.connection`` frames them. Not thread-safe: one caller
+    at a time.
     """
 
-    def __init__(self, address: str | tuple[str, int], authkey: bytes) -> None:
-        with contextlib.closing(Client(address, authkey=authkey)) as first:
+    def __init__(
+        self,
+        address: str | tuple[str, int],
+        authkey: bytes,
+        *,
+        connect_timeout: float = CONNECT_TIMEOUT,
+    ) -> None:
+        with contextlib.closing(_Channel.open(address, authkey, connect_timeout)) as first:
             ident, _exposed = _exchange(first, None, "create", (TYPEID,), {})
         self._ident: str = ident
-        self._connection = Client(address, authkey=authkey)
+        self._channel = _Channel.open(address, authkey, connect_timeout)
         try:
             name = f"client-{os.getpid()}-{threading.get_ident()}"
-            _exchange(self._connection, None, "accept_connection", (name,), {})
+            _exchange(self._channel, None, "accept_connection", (name,), {})
         except BaseException:
-            self._connection.close()
+            self._channel.close()
             raise
 
     def call(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """``method`` on the broker: its result, or the exception it raised (unpickled)."""
-        return _exchange(self._connection, self._ident, method, args, kwargs)
+        return _exchange(self._channel, self._ident, method, args, kwargs)
+
+    def close(self) -> None:
+        self._channel.close()
+
+
+class _Channel:
+    """``multiprocessing.connection``'s framing over a socket: a 4-byte length, then bytes."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+
+    @classmethod
+    def open(
+        cls, address: str | tuple[str, int], authkey: bytes, connect_timeout: float
+    ) -> _Channel:
+        """Connect and authenticate (both ways, as ``multiprocessing.connection.Client``)."""
+        if isinstance(address, str):
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        else:
+            sock = socket.socket(socket.AF_INET6 if ":" in address[0] else socket.AF_INET)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        channel = cls(sock)
+        try:
+            sock.settimeout(connect_timeout)
+            sock.connect(address)
+            # The standard library's own challenge, so the digest always
+            # matches what this Python's manager server expects.
+            answer_challenge(cast(Any, channel), authkey)
+            deliver_challenge(cast(Any, channel), authkey)
+            # Calls may wait as long as a long poll does.
+            sock.settimeout(None)
+        except BaseException:
+            sock.close()
+            raise
+        return channel
+
+    def send_bytes(self, data: bytes) -> None:
+        size = len(data)
+        if size > 0x7FFFFFFF:
+            self._sock.sendall(struct.pack("!iQ", -1, size))
+            self._sock.sendall(data)
+        else:
+            # One write for header and body: no Nagle delay between them.
+            self._sock.sendall(struct.pack("!i", size) + data)
+
+    def recv_bytes(self, maxlength: int | None = None) -> bytes:
+        (size,) = struct.unpack("!i", self._read(4))
+        if size == -1:
+            (size,) = struct.unpack("!Q", self._read(8))
+        if maxlength is not None and size > maxlength:
+            raise OSError(f"message of {size} bytes, more than {maxlength}")
+        return self._read(size)
+
+    def send(self, message: Any) -> None:
+        self.send_bytes(pickle.dumps(message, pickle.HIGHEST_PROTOCOL))
+
+    def recv(self) -> Any:
+        return pickle.loads(self.recv_bytes())
 
     def close(self) -> None:
         with contextlib.suppress(OSError):
-            self._connection.close()
+            self._sock.close()
+
+    def _read(self, size: int) -> bytes:
+        buffer = bytearray(size)
+        view = memoryview(buffer)
+        got = 0
+        while got < size:
+            count = self._sock.recv_into(view[got:])
+            if not count:
+                raise EOFError("the broker closed the connection")
+            got += count
+        return bytes(buffer)
 
 
 def _exchange(
-    connection: Connection,
+    channel: _Channel,
     ident: str | None,
     method: str,
     args: tuple[Any, ...],
@@ -139,8 +224,8 @@ def _exchange(
     run the call at all (``#TRACEBACK``: say, a method it does not expose;
     ``#UNSERIALIZABLE``: a result that does not pickle).
     """
-    connection.send((ident, method, args, kwargs))
-    kind, result = connection.recv()
+    channel.send((ident, method, args, kwargs))
+    kind, result = channel.recv()
     if kind == "#RETURN":
         return result
     if kind == "#ERROR" and isinstance(result, BaseException):

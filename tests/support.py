@@ -148,7 +148,6 @@ class Environment:
                 "FORMULARY_ADMIN_SOCKET": self.admin_socket,
                 "FORMULARY_BIND": f"127.0.0.1:{self.port}",
                 "FORMULARY_WEB_WORKERS": "2",
-                "FORMULARY_WEB_THREADS": "4",
                 "FORMULARY_LOG_LEVEL": "WARNING",
                 "PYTHONPATH": str(ROOT),
             }

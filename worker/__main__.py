@@ -80,7 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, signals)
     signal.signal(signal.SIGINT, signals)
 
-    client = BrokerClient(settings)
+    # Each consumer and each heartbeat holds at most one call at a time.
+    client = BrokerClient(settings, max_connections=2 * args.concurrency + 1)
     base = f"{socket.gethostname()}:{os.getpid()}"
     consumers = [
         Consumer(
