@@ -87,11 +87,19 @@ def wait_until(
 class Child:
     """One child process with its output in a log file."""
 
-    def __init__(self, name: str, argv: list[str], env: dict[str, str], log_path: Path) -> None:
+    def __init__(
+        self,
+        name: str,
+        argv: list[str],
+        env: dict[str, str],
+        log_path: Path,
+        cwd: Path = ROOT,  # bench/peers.py runs the reference servers elsewhere
+    ) -> None:
         self.name = name
         self.argv = argv
         self.env = env
         self.log_path = log_path
+        self.cwd = cwd
         self.popen: subprocess.Popen[bytes] | None = None
         self.started_at = 0.0
 
@@ -101,7 +109,7 @@ class Child:
             self.started_at = time.monotonic()
             self.popen = subprocess.Popen(
                 self.argv,
-                cwd=ROOT,
+                cwd=self.cwd,
                 env=self.env,
                 stdout=output,
                 stderr=subprocess.STDOUT,
