@@ -39,6 +39,7 @@ from typing import Any
 
 from bench import report
 from bench.load import Aggregate, Generator, LoadResult, LoadSpec, Plan, wrk_available
+from bench.report import Target
 from bench.stack import (
     ROOT,
     Child,
@@ -332,14 +333,6 @@ class ServerResult:
 
 
 @dataclass
-class Target:
-    name: str
-    goal: str
-    measured: str
-    passed: bool | None
-
-
-@dataclass
 class Results:
     started_at: str
     config: Config
@@ -481,12 +474,7 @@ def render(results: Results) -> str:
             f"| {s.title}{flag} | {' | '.join(cells)} | {x} "
             f"| {status_text(new)}; {status_text(same)} |"
         )
-    lines += ["", "| target | goal | measured | result |", "|---|---|---|---|"]
-    for t in targets(results):
-        verdict = "not measured" if t.passed is None else ("pass" if t.passed else "**miss**")
-        lines.append(f"| {t.name} | {t.goal} | {t.measured} | {verdict} |")
-    if results.warnings:
-        lines += ["", *(f"**WARNING: {w}**" for w in results.warnings)]
+    lines += report.verdict_rows(targets(results), results.warnings)
     return "\n".join(lines) + "\n"
 
 

@@ -339,13 +339,19 @@ def render(results: Results) -> str:
             f"{m.formula_bytes:,.0f} B per formula, {m.key_bytes:,.0f} B more per "
             "Idempotency-Key.",
         ]
-    lines += ["", "| target | goal | measured | result |", "|---|---|---|---|"]
-    for t in targets(results):
+    lines += verdict_rows(targets(results), results.warnings)
+    return "\n".join(lines) + "\n"
+
+
+def verdict_rows(found: list[Target], warnings: list[str]) -> list[str]:
+    """The targets as a markdown table, then the run's warnings."""
+    lines = ["", "| target | goal | measured | result |", "|---|---|---|---|"]
+    for t in found:
         verdict = "not measured" if t.passed is None else ("pass" if t.passed else "**miss**")
         lines.append(f"| {t.name} | {t.goal} | {t.measured} | {verdict} |")
-    if results.warnings:
-        lines += ["", *(f"**WARNING: {w}**" for w in results.warnings)]
-    return "\n".join(lines) + "\n"
+    if warnings:
+        lines += ["", *(f"**WARNING: {w}**" for w in warnings)]
+    return lines
 
 
 def as_json(results: Results) -> dict[str, Any]:
