@@ -49,10 +49,11 @@ def read_body(req: falcon.Request, limit: int, seconds: float) -> bytes:
 
 @contextlib.contextmanager
 def _deadline(environ: dict[str, Any], seconds: float) -> Iterator[None]:
-    gevent = sys.modules.get("gevent")
-    if gevent is not None and gevent.monkey.is_module_patched("socket"):
+    # gevent is in use only when a gevent worker has patched the socket module.
+    monkey = sys.modules.get("gevent.monkey")
+    if monkey is not None and monkey.is_module_patched("socket"):
         try:
-            with gevent.Timeout(seconds, BodyTimeout):
+            with sys.modules["gevent"].Timeout(seconds, BodyTimeout):
                 yield
         except BodyTimeout:
             raise BodyTimeout(f"the body did not arrive within {seconds:g} s") from None
