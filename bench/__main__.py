@@ -22,7 +22,6 @@ import argparse
 import json
 import logging
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -32,7 +31,7 @@ from pathlib import Path
 
 from bench import memory, pipeline, report, scale
 from bench.load import Aggregate, Generator, LoadResult, Plan, wrk_available
-from bench.stack import ROOT, Stack, StartError, request
+from bench.stack import ROOT, Stack, StartError, request, start_command
 
 log = logging.getLogger("bench")
 
@@ -253,15 +252,7 @@ def _warn(results: report.Results, message: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     config = parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO,
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    # SIGTERM unwinds like Ctrl-C (even when started in the background, where
-    # SIGINT comes ignored), so every started process is stopped on the way out.
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    start_command()
     if config.generator == "python":
         log.warning("load from the pure-Python generator: weaker than wrk, figures not comparable")
     results = report.Results(

@@ -25,7 +25,6 @@ import json
 import logging
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -47,6 +46,7 @@ from bench.stack import (
     StartError,
     free_port,
     request,
+    start_command,
     temporary_directory,
     wait_until,
 )
@@ -699,11 +699,7 @@ def measure(config: Config, results: Results) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     config = parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO,
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    start_command()
     absent = [name for name in PEER_FILES if not (config.peers_dir / name).is_file()]
     if absent:
         where = "is not there" if not config.peers_dir.is_dir() else f"lacks {', '.join(absent)}"
@@ -714,9 +710,6 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return EXIT_USAGE
-    # SIGTERM unwinds like Ctrl-C, so every started process is stopped on the way out.
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
     if config.generator == "python":
         log.warning("load from the pure-Python generator: weaker than wrk, figures not comparable")
     results = Results(

@@ -43,7 +43,7 @@ from typing import Any
 from urllib.parse import quote
 
 from bench.report import machine
-from bench.stack import ROOT, Stack, StartError, request, wait_until
+from bench.stack import ROOT, Stack, StartError, request, start_command, wait_until
 from broker.admin.__main__ import Unreachable
 from broker.admin.__main__ import request as admin_request
 from broker.client import BrokerClient
@@ -987,14 +987,7 @@ def _since(started: float) -> float:
 
 def main(argv: Sequence[str] | None = None) -> int:
     config = parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO,
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    # SIGTERM unwinds like Ctrl-C, so every started process is stopped on the way out.
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    start_command()
     try:
         result = soak(config)
     except KeyboardInterrupt:

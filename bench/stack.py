@@ -339,3 +339,19 @@ def temporary_directory() -> Iterator[Path]:
         yield path
     finally:
         shutil.rmtree(path, ignore_errors=True)
+
+
+def start_command() -> None:
+    """What every bench command does first: INFO logs on stderr, and SIGTERM as Ctrl-C.
+
+    SIGTERM (and SIGINT, which comes ignored to a command started in the
+    background) then unwinds like Ctrl-C, so every process started is
+    stopped on the way out.
+    """
+    logging.basicConfig(
+        level=logging.INFO,
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
