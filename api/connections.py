@@ -6,7 +6,7 @@ and greenlet, never a thread that others wait for. gunicorn bounds the wait
 for a request's head (and an idle keep-alive) by its ``keepalive`` setting;
 this module bounds the rest.
 
-- :func:`read_body` reads a request body within ``FORMULARY_READ_TIMEOUT``
+- :func:`read_within` reads a request body within ``FORMULARY_READ_TIMEOUT``
   seconds, all of it, or raises :class:`BodyTimeout` (the app answers 408).
   Under gevent the whole read is under one timer, so a client that trickles
   a byte at a time is cut off too; elsewhere (a threaded server) each wait
@@ -38,7 +38,7 @@ class BodyTimeout(Exception):
     """The client did not send its whole body within the read deadline."""
 
 
-def read_body(req: falcon.Request, limit: int, seconds: float) -> bytes:
+def read_within(req: falcon.Request, limit: int, seconds: float) -> bytes:
     """Up to ``limit + 1`` bytes of the body, read within ``seconds``; else ``BodyTimeout``."""
     with _deadline(req.env, seconds):
         body: bytes = req.bounded_stream.read(limit + 1)

@@ -11,11 +11,11 @@ from api.problems import Problem, invalid
 from api.representation import dumps, formula_location
 from broker.errors import FieldError
 from broker.formula import canonical_json, validate_formula
-from broker.interface import IdempotencyKey, SubmissionBroker
+from broker.interface import MAX_PAGE, IdempotencyKey, SubmissionBroker
 from broker.strict_json import MAX_BODY_BYTES, parse_json
 
 DEFAULT_LIMIT = 50
-MAX_LIMIT = 500
+MAX_LIMIT = MAX_PAGE  # the broker answers at most this many per page
 MAX_KEY_LENGTH = 255
 # Cursors handed out are a dozen characters; a longer one cannot be ours, and
 # refusing it here keeps an arbitrarily long string away from the decoder.
@@ -89,7 +89,7 @@ def read_body(req: falcon.Request, read_timeout: float) -> bytes:
     if length is not None and length > MAX_BODY_BYTES:
         raise _too_large()
     try:
-        body = connections.read_body(req, MAX_BODY_BYTES, read_timeout)
+        body = connections.read_within(req, MAX_BODY_BYTES, read_timeout)
     except connections.BodyTimeout as exc:
         raise Problem(408, "request-timeout", f"{exc}; send the whole request sooner.") from None
     if len(body) > MAX_BODY_BYTES:

@@ -11,7 +11,7 @@ import falcon.testing
 import pytest
 
 from api.app import create_app
-from api.connections import BodyTimeout, honour_connection_close, read_body
+from api.connections import BodyTimeout, honour_connection_close, read_within
 
 
 @pytest.fixture
@@ -36,7 +36,7 @@ def test_a_body_that_stops_arriving_is_cut_off_at_the_deadline(pair) -> None:
     server, client = pair
     client.sendall(b'{"na')  # and nothing more
     with pytest.raises(BodyTimeout):
-        read_body(request_reading(server, 100), limit=1000, seconds=0.2)
+        read_within(request_reading(server, 100), limit=1000, seconds=0.2)
     assert server.gettimeout() is None  # the socket is as it was
 
 
@@ -44,7 +44,7 @@ def test_a_whole_body_is_read_and_marked_read(pair) -> None:
     server, client = pair
     client.sendall(b'{"name": 1}')
     req = request_reading(server, 11)
-    assert read_body(req, limit=1000, seconds=5) == b'{"name": 1}'
+    assert read_within(req, limit=1000, seconds=5) == b'{"name": 1}'
     assert req.context.body_read is True
 
 
