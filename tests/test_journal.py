@@ -12,7 +12,6 @@ import stat
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from decimal import Decimal
 from pathlib import Path
@@ -512,7 +511,9 @@ def test_every_write_that_returned_survives_a_sigkill(path: Path) -> None:
     assert [m.formula_id for m in recovered.messages] == loaded
 
 
-def test_twenty_thousand_formulas_write_and_load_quickly(path: Path) -> None:
+def test_twenty_thousand_formulas_in_large_writes_all_come_back(path: Path) -> None:
+    # How fast is bench/'s question (recovery of 1,000,000 formulas); a timed
+    # assertion here failed CI whenever the shared disk stalled.
     materials = (
         Material("Bergamot Oil", Decimal("15.5")),
         Material("Lavender Absolute", Decimal("10")),
@@ -531,23 +532,14 @@ def test_twenty_thousand_formulas_write_and_load_quickly(path: Path) -> None:
         batches.append(batch)
 
     journal = SqliteJournal(path)
-    started = time.perf_counter()
     for batch in batches:
         journal.write(batch)
-    written = time.perf_counter()
     journal.close()
     journal = SqliteJournal(path)
-    opened = time.perf_counter()
     recovered = journal.load()
-    loaded = time.perf_counter()
     journal.close()
 
-    print(
-        f"\n20k formulas: write {written - started:.2f} s, "
-        f"open {opened - written:.2f} s, load {loaded - opened:.2f} s"
-    )
     assert len(recovered.formulas) == 20_000
     assert len(recovered.messages) == 10_000
     assert recovered.formulas[-1].materials == materials
-    assert loaded - opened < 10
-    assert written - started < 10
+    assert sum(r.processed_at is not None for r in recovered.formulas) == 10_000
