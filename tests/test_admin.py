@@ -544,6 +544,16 @@ def test_the_cli_exits_1_when_the_broker_answers_an_error(server: AdminServer) -
     assert "error: unknown command 'frobnicate'" in done.stderr
 
 
+def test_the_cli_takes_an_id_that_starts_with_a_dash_as_the_id(server: AdminServer) -> None:
+    # Ids are base64url: one in 64 starts with "-", and argparse alone calls that an option.
+    done = admin_cli("--json", "show", "-5XIEuOn5B_fVrOzgNBVcg", "--socket", str(server.path))
+    assert done.returncode == 1, done.stderr
+    assert json.loads(done.stdout) == {
+        "ok": False,
+        "error": "no formula or message has id '-5XIEuOn5B_fVrOzgNBVcg'",
+    }
+
+
 def test_the_cli_exits_2_when_nothing_listens_on_the_socket(directory: Path) -> None:
     missing = directory / "admin.sock"
     done = admin_cli("ping", "--socket", str(missing))

@@ -2,13 +2,16 @@
 
 Sends one command line, reads one reply line, and prints it for people (or
 as the raw JSON with ``--json``). Commands: ping, stats, show ID, dead [N],
-redrive ID|all, help. An id that starts with "-" goes after ``--``.
+redrive ID|all, help. Options may go anywhere; every other word is the
+command or one of its arguments, so an id that starts with "-" needs nothing
+special.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import socket
 import sys
@@ -33,6 +36,31 @@ class Unreachable(Exception):
     """No answer from the admin socket; the message says why, for people."""
 
 
+FLAGS: Final = frozenset({"--json", "-h", "--help"})
+VALUED: Final = frozenset({"--socket", "--timeout"})
+
+
+def options_first(argv: Sequence[str]) -> list[str]:
+    """Move this CLI's own options ahead of ``--`` and every other word after it.
+
+    Ids are base64url, so one in 64 starts with "-": argparse alone would take
+    ``show -5XIE...`` for an unknown option.
+    """
+    options: list[str] = []
+    words: list[str] = []
+    rest = iter(argv)
+    for word in rest:
+        if word == "--":
+            words.extend(rest)
+        elif word in FLAGS or word.partition("=")[0] in VALUED:
+            options.append(word)
+            if word in VALUED:  # "--socket PATH": the value is the next word, whatever it is
+                options.extend(itertools.islice(rest, 1))
+        else:
+            words.append(word)
+    return [*options, "--", *words]
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m broker.admin", description=__doc__)
     parser.add_argument("command", help="ping, stats, show, dead, redrive or help")
@@ -47,7 +75,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=DEFAULT_TIMEOUT,
         help=f"seconds to wait for the reply (default {DEFAULT_TIMEOUT:g})",
     )
-    return parser.parse_args(argv)
+    return parser.parse_args(options_first(sys.argv[1:] if argv is None else argv))
 
 
 def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
