@@ -41,7 +41,8 @@ from broker.engines.embedded.journal import (
     SqliteJournal,
     open_journal,
 )
-from broker.engines.embedded.store import FormulaRecord, pack_materials, pack_summary
+from broker.engines.embedded.store import FormulaRecord, pack_materials
+from broker.engines.shared import pack_summary
 from broker.formula import Material
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import gc
 import logging
-import secrets
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -52,7 +51,8 @@ from broker.engines.embedded.changes import (
 from broker.engines.embedded.idempotency import IdempotencyKeys
 from broker.engines.embedded.journal import Journal, MemoryJournal
 from broker.engines.embedded.queue import DeadLettered, MessageQueue, Redriven
-from broker.engines.embedded.store import FormulaRecord, FormulaStore, pack_summary, view
+from broker.engines.embedded.store import FormulaRecord, FormulaStore, view
+from broker.engines.shared import new_id, pack_summary
 from broker.errors import (
     FormulaNotFound,
     InvalidSummary,
@@ -89,11 +89,6 @@ Clock = Callable[[], float]
 
 MAX_BATCH = 100
 MAX_WAIT_SECONDS = 60.0
-
-
-def new_id() -> str:
-    """Opaque, unguessable, URL-safe: 128 random bits in 22 characters."""
-    return secrets.token_urlsafe(16)
 
 
 class EmbeddedBroker:

@@ -11,16 +11,12 @@ can be discarded, which is all an atomic submit's rollback needs.
 
 from __future__ import annotations
 
-import base64
-import binascii
-import json
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
-import simplejson
-
+from broker.engines.shared import decode_cursor, encode_cursor, unpack_summary
 from broker.errors import InvalidCursor
 from broker.formula import Material
 from broker.interface import FormulaView, rfc3339
@@ -123,23 +119,6 @@ def pack_materials(materials: Iterable[Material]) -> str:
     return "\t".join([part for m in materials for part in (m.name, str(m.concentration))])
 
 
-def pack_summary(summary: Mapping[str, Any]) -> str:
-    """A handler's summary as compact JSON; ``Decimal`` figures keep their exact digits.
-
-    Raises ``TypeError`` or ``ValueError`` for anything JSON cannot hold.
-    """
-    text: str = _SUMMARY_ENCODER.encode(dict(summary))
-    return text
-
-
-def unpack_summary(text: str) -> dict[str, Any]:
-    summary: dict[str, Any] = json.loads(text, parse_float=Decimal)
-    return summary
-
-
-_SUMMARY_ENCODER = simplejson.JSONEncoder(use_decimal=True, separators=(",", ":"), allow_nan=False)
-
-
 def unpack_materials(packed: str) -> tuple[Material, ...]:
     parts = packed.split("\t")
     return tuple(Material(parts[i], Decimal(parts[i + 1])) for i in range(0, len(parts), 2))
@@ -192,30 +171,12 @@ class FormulaStore:
         records = tuple(reversed(self._order[start:end]))
         # A cursor is the 1-based position of the last record returned: the
         # list's order is the store's order, so no record has to carry it.
-        next_cursor = _encode(start + 1) if start > 0 and records else None
+        next_cursor = encode_cursor(start + 1) if start > 0 and records else None
         return Page(records, next_cursor)
 
     def _decode(self, cursor: str) -> int:
         """The position a cursor points at; positions only grow, so old cursors stay valid."""
-        if len(cursor) > _MAX_CURSOR:
-            raise InvalidCursor(cursor[:_MAX_CURSOR])
-        try:
-            raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
-            text = raw.decode("ascii")
-        except (binascii.Error, UnicodeDecodeError, ValueError):
-            raise InvalidCursor(cursor) from None
-        if not text.startswith("s") or not text[1:].isdigit():
-            raise InvalidCursor(cursor)
-        seq = int(text[1:])
-        if not 1 <= seq <= len(self._order) or _encode(seq) != cursor:
+        seq = decode_cursor(cursor)
+        if seq > len(self._order):
             raise InvalidCursor(cursor)
         return seq
-
-
-# Far longer than any position this store can reach: refusing longer ones
-# keeps int() off arbitrarily long digit strings.
-_MAX_CURSOR = 32
-
-
-def _encode(seq: int) -> str:
-    return base64.urlsafe_b64encode(f"s{seq}".encode("ascii")).rstrip(b"=").decode("ascii")
