@@ -2,12 +2,16 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import pytest
 from _pytest.nodes import Item
 from _pytest.runner import CallInfo
 
 from broker.engines.embedded import EmbeddedBroker
+
+if TYPE_CHECKING:
+    from tests.postgres import PostgresServer
 
 
 class FakeClock:
@@ -46,6 +50,35 @@ def broker(clock: FakeClock, wall_clock: FakeClock) -> Iterator[EmbeddedBroker]:
     )
 
 
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """One throwaway PostgreSQL for the session, started by the first test that asks.
+
+    Tests that stop or crash it (``stop_immediate``/``start``) must leave it running.
+    """
+    from tests.postgres import PostgresServer  # psycopg takes ~0.2 s to import
+
+    with PostgresServer() as server:
+        yield server
+
+
+@pytest.fixture
+def postgres_dsn(postgres_server: PostgresServer) -> Iterator[str]:
+    """A fresh, empty database for this test alone; dropped after, connections and all."""
+    dsn = postgres_server.create_database()
+    yield dsn
+    if not postgres_server.running():
+        postgres_server.start()  # a test that failed while the server was stopped
+    postgres_server.drop_database(dsn)
+
+
+def pytest_collection_modifyitems(items: list[Item]) -> None:
+    # `-m "not postgres"` leaves out every test that would start the server.
+    for item in items:
+        if "postgres_server" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.postgres)
+
+
 @pytest.hookimpl(wrapper=True, tryfirst=True)
 def pytest_runtest_makereport(item: Item, call: CallInfo[None]) -> object:
     # Lets fixtures that run processes print their logs when the test failed.
@@ -59,4 +92,4 @@ FAILED = pytest.StashKey[bool]()
 
 
 def call_failed(request: pytest.FixtureRequest) -> bool:
-    return request.node.stash.get(FAILED, False)
+    return bool(request.node.stash.get(FAILED, False))
