@@ -31,6 +31,7 @@ from broker.errors import (
     FormulaNotFound,
     IdempotencyKeyReused,
     InvalidCursor,
+    InvalidSummary,
     MessageNotFound,
     QueueFull,
     StaleReceipt,
@@ -49,10 +50,29 @@ from broker.settings import Settings
 from broker.transport import make_server
 from tests.support import environment, wait_for
 
-# (engine, how FORMULARY_DATA names it); the file goes in the test's directory.
+Cleanup = Callable[[], None]
+
+
+def _embedded_memory(request: pytest.FixtureRequest, directory: Path) -> tuple[str, Cleanup]:
+    return ":memory:", lambda: None
+
+
+def _embedded_sqlite(request: pytest.FixtureRequest, directory: Path) -> tuple[str, Cleanup]:
+    return str(directory / "journal.sqlite3"), lambda: None
+
+
+def _postgres(request: pytest.FixtureRequest, directory: Path) -> tuple[str, Cleanup]:
+    # A database of its own for each broker opened, on the session's throwaway server.
+    server = request.getfixturevalue("postgres_server")
+    dsn: str = server.create_database()
+    return dsn, lambda: server.drop_database(dsn)
+
+
+# Each engine as FORMULARY_DATA names it, and what to remove once it is closed.
 ENGINES = {
-    "embedded-memory": lambda directory: ":memory:",
-    "embedded-sqlite": lambda directory: str(directory / "journal.sqlite3"),
+    "embedded-memory": _embedded_memory,
+    "embedded-sqlite": _embedded_sqlite,
+    "postgres": _postgres,
 }
 TRANSPORTS = ("object", "manager")
 
@@ -76,11 +96,13 @@ def open_broker(request: pytest.FixtureRequest) -> Iterator[OpenBroker]:
         env = contextlib.ExitStack()
         cleanups.append(env.close)
         directory = env.enter_context(environment())
+        data, remove = ENGINES[engine](request, directory.directory)
+        cleanups.append(remove)
         chosen = {"queue_capacity": 3, "visibility_timeout": 30.0, "max_deliveries": 2}
         settings = Settings(
             broker_address=str(directory.directory / "broker.sock"),
             authkey_file=directory.directory / "authkey",
-            data=ENGINES[engine](directory.directory),
+            data=data,
             **(chosen | overrides),
         )
         broker = open_engine(settings)
@@ -375,6 +397,118 @@ def test_a_batch_is_read_and_completed_in_one_call_each(remote) -> None:
     assert remote.get_formula(first.id).summary == {"n": Decimal("1.5")}
     assert remote.get_formula(second.id).summary == {"n": Decimal("4")}
     assert remote.stats().processed == 2
+
+
+def test_a_last_lease_that_runs_out_dead_letters_its_message(remote) -> None:
+    formula = remote.submit(ROSE).formula
+    [lease] = remote.receive("w1", 1, SHORT, 0)
+    # max_deliveries is 2: once the first lease runs out, the second is the last.
+    [lease] = wait_for(lambda: remote.receive("w2", 1, SHORT, 0), what="the first to run out")
+    wait_for(lambda: remote.get_formula(formula.id).status == "failed", what="the lease to end")
+    assert remote.message_info(formula.message_id).state == "dead"
+    assert [d.message_id for d in remote.dead_letters()] == [formula.message_id]
+    assert remote.stats().dead == 1 and remote.stats().depth == 0
+    with pytest.raises(StaleReceipt):
+        remote.ack(lease.receipt)
+    assert remote.receive("w3", 1, None, 0) == []
+
+
+def test_extend_keeps_a_lease_and_an_expired_one_cannot_be_extended(remote) -> None:
+    formula = remote.submit(ROSE).formula
+    [delivery] = remote.receive("w1", 1, SHORT, 0)
+    info = remote.message_info(formula.message_id)
+    assert (info.state, info.consumer, info.deliveries) == ("in_flight", "w1", 1)
+    assert info.visible_at is not None and info.visible_at <= time.time() + SHORT + 1
+    remote.extend(delivery.receipt, 30)
+    assert remote.message_info(formula.message_id).visible_at > time.time() + 25
+    assert remote.receive("w2", 1, None, 0) == []  # still w1's
+    remote.extend(delivery.receipt, SHORT)
+    wait_for(lambda: remote.message_info(formula.message_id).state == "ready", what="expiry")
+    with pytest.raises(StaleReceipt):
+        remote.extend(delivery.receipt, 30)
+    with pytest.raises(StaleReceipt):
+        remote.nack(delivery.receipt)
+    info = remote.message_info(formula.message_id)
+    assert (info.state, info.consumer, info.visible_at) == ("ready", None, None)
+
+
+def test_consumers_racing_for_messages_each_get_different_ones(open_broker) -> None:
+    broker = open_broker(queue_capacity=100)
+    submitted = {broker.submit(draft(f"F{i}", (f"M{i}", "1"))).formula.id for i in range(40)}
+    got: list[str] = []
+    lock = threading.Lock()
+    barrier = threading.Barrier(4)
+
+    def consume() -> None:
+        barrier.wait()
+        while batch := broker.receive(threading.current_thread().name, 3, None, 0):
+            with lock:
+                got.extend(d.formula_id for d in batch)
+
+    threads = [threading.Thread(target=consume, name=f"w{i}") for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert sorted(got) == sorted(submitted)
+    assert broker.stats().in_flight == 40 and broker.stats().delivered == 40
+
+
+def test_fresh_messages_come_in_the_order_they_were_published(open_broker) -> None:
+    broker = open_broker(queue_capacity=10)
+    ids = [broker.submit(draft(f"F{i}", (f"M{i}", "1"))).formula.id for i in range(5)]
+    first = broker.receive("w", 2, None, 0)
+    rest = broker.receive("w", 10, None, 0)
+    assert [d.formula_id for d in first + rest] == ids
+
+
+def test_receive_with_nothing_to_give_returns_empty_once_its_wait_is_over(remote) -> None:
+    started = time.monotonic()
+    assert remote.receive("w", 1, None, SHORT) == []
+    assert SHORT <= time.monotonic() - started < SHORT + 5
+
+
+def test_a_summary_json_cannot_hold_records_nothing_and_the_others_are_recorded(remote) -> None:
+    first = remote.submit(ROSE).formula
+    second = remote.submit(VETIVER).formula
+    [a, b] = remote.receive("w", 2, None, 0)
+    with pytest.raises(InvalidSummary):
+        remote.complete(a.receipt, {"n": float("nan")})
+    assert remote.get_formula(first.id).status == "queued"
+    assert remote.complete_many([(a.receipt, {"n": float("inf")}), (b.receipt, {"n": 2})]) == [
+        "invalid_summary",
+        "completed",
+    ]
+    assert remote.get_formula(second.id).summary == {"n": 2}
+    assert remote.message_info(first.message_id).state == "in_flight"
+
+
+def test_dead_letters_leave_room_in_the_queue_and_a_redrive_is_never_refused(open_broker) -> None:
+    broker = open_broker(queue_capacity=1, max_deliveries=1)
+    rose = broker.submit(ROSE).formula
+    [delivery] = broker.receive("w", 1, None, 0)
+    broker.nack(delivery.receipt)  # its only delivery: dead
+    vetiver = broker.submit(VETIVER).formula  # the dead letter takes no room
+    with pytest.raises(QueueFull):
+        broker.submit(draft("Third", ("Oud", "1")))
+    assert broker.redrive_all() == 1  # back, though the queue is full
+    assert broker.stats().depth == 2 and broker.stats().redriven == 1
+    got = broker.receive("w", 10, None, 0)
+    assert [d.formula_id for d in got] == [vetiver.id, rose.id]
+
+
+def test_dead_letters_are_listed_oldest_first_up_to_a_limit(open_broker) -> None:
+    broker = open_broker(queue_capacity=10, max_deliveries=1)
+    ids = []
+    for i in range(3):
+        formula = broker.submit(draft(f"F{i}", (f"M{i}", "1"))).formula
+        [delivery] = broker.receive("w", 1, None, 0)
+        broker.nack(delivery.receipt)
+        ids.append(formula.message_id)
+    assert [d.message_id for d in broker.dead_letters()] == ids
+    assert [d.message_id for d in broker.dead_letters(2)] == ids[:2]
+    assert broker.dead_letters(0) == []
+    assert broker.stats().dead_lettered == 3
 
 
 def test_the_embedded_file_engine_keeps_everything_across_a_reopen(tmp_path: Path) -> None:

@@ -7,8 +7,8 @@ is. ``FORMULARY_DATA`` decides:
 
 - a file path, or ``:memory:`` for no file: ``broker.engines.embedded``,
   state in this process's memory, journalled to SQLite;
-- ``postgresql://...``: reserved for the PostgreSQL engine, which is not
-  built yet; the broker refuses it with a message rather than guessing.
+- ``postgresql://...`` (a libpq URI): ``broker.engines.postgres``, state in
+  that database, shared by the brokers of every host that names it.
 
 Engines are imported only when opened, so clients of the broker (the API, the
 workers, the admin CLI) never load an engine's modules.
@@ -40,10 +40,10 @@ class EngineError(Exception):
 def open_engine(settings: Settings) -> Engine:
     """The engine ``settings.data`` names, with its state recovered; raises ``EngineError``."""
     if settings.data.startswith(POSTGRESQL_SCHEMES):
-        raise EngineError(
-            "FORMULARY_DATA names a PostgreSQL database, and this Formulary has no "
-            "PostgreSQL engine yet; use a file path or :memory:"
-        )
+        from broker.engines.postgres import open_postgres
+
+        engine: Engine = open_postgres(settings)
+        return engine
     from broker.engines.embedded import open_embedded
 
     return open_embedded(settings)

@@ -1,0 +1,127 @@
+-- The PostgreSQL engine's named queries. Each starts with "-- name: NAME" and
+-- runs as one statement; the atomic steps themselves are functions in the
+-- migrations. Parameters are psycopg's %(name)s placeholders.
+--
+-- A message's state as people see it is derived from its row and the
+-- database's clock, never from when some broker last swept: a lease whose time
+-- has passed is ready again (or dead, past the delivery limit) at that instant.
+
+-- name: ping
+SELECT 1;
+
+-- name: notify
+-- What a publish sends (formulary.submit does the same); waking every listener
+-- costs each broker one look at the queue.
+SELECT pg_notify('formulary_messages', '');
+
+-- name: submit
+SELECT outcome, formula_id, name, materials, fingerprint, message_id, created_at
+  FROM formulary.submit(%(key)s, %(body_digest)s, %(key_ttl)s, %(formula_id)s, %(name)s,
+                        %(materials)s::jsonb, %(fingerprint)s, %(message_id)s, %(capacity)s);
+
+-- name: formulas_by_id
+SELECT f.id, f.name, f.materials, f.fingerprint, f.message_id,
+       extract(epoch FROM f.created_at)::double precision,
+       CASE WHEN f.processed_at IS NOT NULL THEN 'processed'
+            WHEN m.state = 'dead'
+              OR (m.deliveries >= %(max_deliveries)s AND m.visible_at <= now()) THEN 'failed'
+            ELSE 'queued' END,
+       f.deliveries,
+       extract(epoch FROM f.processed_at)::double precision,
+       f.summary
+  FROM formulary.formulas f
+  LEFT JOIN formulary.messages m ON m.id = f.message_id
+ WHERE f.id = ANY(%(ids)s);
+
+-- name: formula_page
+SELECT f.id, f.name, f.materials, f.fingerprint, f.message_id,
+       extract(epoch FROM f.created_at)::double precision,
+       CASE WHEN f.processed_at IS NOT NULL THEN 'processed'
+            WHEN m.state = 'dead'
+              OR (m.deliveries >= %(max_deliveries)s AND m.visible_at <= now()) THEN 'failed'
+            ELSE 'queued' END,
+       f.deliveries,
+       extract(epoch FROM f.processed_at)::double precision,
+       f.summary,
+       f.seq
+  FROM formulary.formulas f
+  LEFT JOIN formulary.messages m ON m.id = f.message_id
+ WHERE f.seq < %(before)s
+ ORDER BY f.seq DESC
+ LIMIT %(limit)s;
+
+-- name: count_deliveries
+UPDATE formulary.formulas f SET deliveries = f.deliveries + 1 WHERE f.id = ANY(%(ids)s);
+
+-- name: bury_expired
+SELECT formulary.bury_expired(%(max_deliveries)s);
+
+-- name: lease
+SELECT message_id, formula_id, fingerprint, lease_token, deliveries, lease_expires_at,
+       redelivery, visible_since, seq
+  FROM formulary.lease(%(consumer)s, %(max)s, %(lease_seconds)s, %(max_deliveries)s);
+
+-- name: seconds_to_next_due
+-- When the earliest lease or delay falls due: how long a long poll may sleep.
+SELECT extract(epoch FROM min(m.visible_at) - now())::double precision
+  FROM formulary.messages m
+ WHERE m.state <> 'dead' AND m.deliveries > 0 AND m.visible_at > now();
+
+-- name: complete
+SELECT formulary.complete(%(message_id)s, %(token)s, %(summary)s::json);
+
+-- name: nack
+SELECT formulary.nack(%(message_id)s, %(token)s, %(delay)s, %(max_deliveries)s);
+
+-- name: extend
+UPDATE formulary.messages m
+   SET visible_at = now() + make_interval(secs => %(seconds)s)
+ WHERE m.id = %(message_id)s AND m.state = 'leased' AND m.lease_token = %(token)s
+   AND m.visible_at > now()
+RETURNING extract(epoch FROM m.visible_at)::double precision;
+
+-- name: message_info
+SELECT m.id, m.formula_id, m.fingerprint,
+       CASE WHEN m.state = 'dead'
+              OR (m.deliveries >= %(max_deliveries)s AND m.visible_at <= now()) THEN 'dead'
+            WHEN m.visible_at <= now() THEN 'ready'
+            WHEN m.state = 'leased' THEN 'in_flight'
+            ELSE 'delayed' END AS state,
+       m.deliveries,
+       CASE WHEN m.state = 'leased' AND m.visible_at > now() THEN m.consumer END,
+       CASE WHEN m.state <> 'dead' AND m.visible_at > now()
+            THEN extract(epoch FROM m.visible_at)::double precision END
+  FROM formulary.messages m
+ WHERE m.id = %(message_id)s;
+
+-- name: dead_letters
+SELECT m.id, m.formula_id, m.fingerprint, 'dead', m.deliveries, NULL, NULL
+  FROM formulary.messages m
+ WHERE m.state = 'dead'
+ ORDER BY m.dead_at, m.seq
+ LIMIT %(limit)s;
+
+-- name: redrive
+SELECT formulary.redrive(%(message_id)s);
+
+-- name: gauges
+-- One pass over the messages (at most the queue's capacity, plus dead letters)
+-- and the counters' few rows.
+SELECT (SELECT coalesce(sum(c.formulas), 0) FROM formulary.counters c)::bigint,
+       count(*) FILTER (WHERE m.visible_at <= now() AND m.state <> 'dead'
+                          AND m.deliveries < %(max_deliveries)s),
+       count(*) FILTER (WHERE m.state = 'leased' AND m.visible_at > now()),
+       count(*) FILTER (WHERE m.state = 'ready' AND m.visible_at > now()),
+       count(*) FILTER (WHERE m.state = 'dead'
+                          OR (m.deliveries >= %(max_deliveries)s AND m.visible_at <= now()))
+  FROM formulary.messages m;
+
+-- name: forget_expired_keys
+-- A batch of keys past their time (lookups ignore them already; this only
+-- keeps the table small). Several brokers may sweep at once: each skips what
+-- another holds.
+DELETE FROM formulary.idempotency_keys k
+ WHERE k.key IN (SELECT k2.key FROM formulary.idempotency_keys k2
+                  WHERE k2.expires_at <= now()
+                  LIMIT 1000
+                    FOR UPDATE SKIP LOCKED);
