@@ -45,7 +45,7 @@ import json
 import logging
 import os
 import sqlite3
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Final, Protocol
 
@@ -359,6 +359,28 @@ class SqliteJournal:
             conn.execute("BEGIN IMMEDIATE")
             for sql, rows in steps:
                 conn.executemany(sql, rows)
+            conn.execute("COMMIT")
+        except BaseException as exc:
+            self._roll_back(conn)
+            # ValueError: a string SQLite cannot store (a lone surrogate).
+            if isinstance(exc, sqlite3.Error | ValueError):
+                raise JournalError(f"could not write to the journal {self.path}: {exc}") from exc
+            raise
+
+    def write_batches(self, batches: Iterable[Sequence[Change]]) -> None:
+        """Apply every batch of changes in order, all in one transaction.
+
+        For a bulk import (``broker.migrate``): ``batches`` may be a generator,
+        so the caller sees progress between batches and never holds them all.
+        All or nothing as ``write``; an exception raised while producing a
+        batch rolls everything back and propagates as it is.
+        """
+        conn = self._connection()
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            for changes in batches:
+                for sql, rows in _plan(changes):
+                    conn.executemany(sql, rows)
             conn.execute("COMMIT")
         except BaseException as exc:
             self._roll_back(conn)

@@ -56,15 +56,7 @@ def open_postgres(settings: Settings) -> Any:
 
     conninfo = settings.data
     where = describe(conninfo)
-    try:
-        parsed = psycopg.conninfo.conninfo_to_dict(conninfo)
-    except psycopg.ProgrammingError as exc:
-        raise EngineError(f"FORMULARY_DATA is not a valid PostgreSQL URI: {exc}") from None
-    if parsed.get("password"):
-        raise EngineError(
-            "FORMULARY_DATA holds a password: give it through PGPASSWORD or ~/.pgpass "
-            "instead, so that it never shows in process lists or logs"
-        )
+    check_uri(conninfo)
     loads = partial(json.loads, parse_float=Decimal)
 
     def configure(connection: Any) -> None:
@@ -104,6 +96,21 @@ def open_postgres(settings: Settings) -> Any:
     )
     log.info("engine: PostgreSQL at %s (schema was version %d)", where, found)
     return broker
+
+
+def check_uri(conninfo: str) -> None:
+    """``EngineError`` for a URI libpq cannot read, or one that holds a password."""
+    import psycopg
+
+    try:
+        parsed = psycopg.conninfo.conninfo_to_dict(conninfo)
+    except psycopg.ProgrammingError as exc:
+        raise EngineError(f"not a valid PostgreSQL URI: {exc}") from None
+    if parsed.get("password"):
+        raise EngineError(
+            "the URI holds a password: give it through PGPASSWORD or ~/.pgpass "
+            "instead, so that it never shows in process lists or logs"
+        )
 
 
 def describe(conninfo: str) -> str:

@@ -2,8 +2,9 @@
 
 ``migrations/NNNN_name.sql`` build the schema one version at a time (tables,
 indexes and the functions that make each atomic step); ``queries.sql`` holds
-the named statements the engine runs. Python code refers to a query by name
-and never spells SQL itself.
+the named statements the engine runs, ``portable.sql`` those that copy a
+whole deployment in or out (``broker.migrate``). Python code refers to a
+query by name and never spells SQL itself.
 """
 
 from __future__ import annotations
@@ -41,14 +42,22 @@ def migrations() -> tuple[Migration, ...]:
     return tuple(found)
 
 
+_QUERY_FILES: Final = ("queries.sql", "portable.sql")
+
+
 @cache
 def _queries() -> dict[str, str]:
-    text = (HERE / "queries.sql").read_text(encoding="utf-8")
-    parts = _NAME.split(text)
-    # parts: [preamble, name, body, name, body, ...]
-    return {name: body.strip() for name, body in zip(parts[1::2], parts[2::2], strict=True)}
+    found: dict[str, str] = {}
+    for file in _QUERY_FILES:
+        parts = _NAME.split((HERE / file).read_text(encoding="utf-8"))
+        # parts: [preamble, name, body, name, body, ...]
+        for name, body in zip(parts[1::2], parts[2::2], strict=True):
+            if name in found:
+                raise RuntimeError(f"the query {name!r} is named twice (again in {file})")
+            found[name] = body.strip()
+    return found
 
 
 def query(name: str) -> str:
-    """The statement named ``name`` in queries.sql."""
+    """The statement named ``name`` in queries.sql or portable.sql."""
     return _queries()[name]
