@@ -6,7 +6,9 @@ import base64
 import binascii
 import json
 import secrets
-from collections.abc import Mapping
+import threading
+import time
+from collections.abc import Callable, Mapping
 from decimal import Decimal
 from typing import Any
 
@@ -14,7 +16,14 @@ import simplejson
 
 from broker.errors import InvalidCursor
 
-__all__ = ["decode_cursor", "encode_cursor", "new_id", "pack_summary", "unpack_summary"]
+__all__ = [
+    "TokenBuckets",
+    "decode_cursor",
+    "encode_cursor",
+    "new_id",
+    "pack_summary",
+    "unpack_summary",
+]
 
 
 def new_id() -> str:
@@ -64,3 +73,47 @@ def decode_cursor(cursor: str) -> int:
 # Far longer than any position can reach: refusing longer ones keeps int()
 # off arbitrarily long digit strings.
 _MAX_CURSOR = 32
+
+
+class TokenBuckets:
+    """``FORMULARY_RATE_LIMIT`` for each API key: ``rate`` per second, bursts of ``rate``.
+
+    One bucket per key, in this process's memory, behind its own lock (the
+    engines call it outside theirs). Cost O(1) per request; a bucket that
+    has refilled completely is as good as absent, so ``spend`` forgets full
+    buckets when it finds more than ``MAX_IDLE`` of them.
+    """
+
+    MAX_IDLE = 10_000
+
+    def __init__(self, rate: float, clock: Callable[[], float] = time.monotonic) -> None:
+        if not rate > 0:
+            raise ValueError(f"rate must be positive, not {rate}")
+        self._rate = rate
+        self._burst = max(1.0, rate)
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._buckets: dict[str, tuple[float, float]] = {}  # key -> (tokens, at)
+
+    def spend(self, key: str) -> float:
+        """0.0 and one token spent if ``key`` has one; else seconds until it will."""
+        with self._lock:
+            now = self._clock()
+            tokens, at = self._buckets.get(key, (self._burst, now))
+            tokens = min(self._burst, tokens + (now - at) * self._rate)
+            if tokens < 1.0:
+                self._buckets[key] = (tokens, now)
+                return (1.0 - tokens) / self._rate
+            self._buckets[key] = (tokens - 1.0, now)
+            if len(self._buckets) > self.MAX_IDLE:
+                self._forget_full(now)
+            return 0.0
+
+    def _forget_full(self, now: float) -> None:
+        full = [
+            key
+            for key, (tokens, at) in self._buckets.items()
+            if tokens + (now - at) * self._rate >= self._burst
+        ]
+        for key in full:
+            del self._buckets[key]
