@@ -134,6 +134,17 @@ class MessageNotFound(FormularyError):
         return str(self.args[0])
 
 
+class ApiKeyNotFound(FormularyError):
+    """No API key has this id."""
+
+    def __init__(self, key_id: str) -> None:
+        super().__init__(key_id)
+
+    @property
+    def key_id(self) -> str:
+        return str(self.args[0])
+
+
 class StorageFailed(FormularyError):
     """The engine could not make a change durable; nothing that was asked happened."""
 

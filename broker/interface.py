@@ -38,6 +38,7 @@ __all__ = [
     "PROCESSED",
     "QUEUED",
     "STALE",
+    "ApiKey",
     "Broker",
     "BrokerStats",
     "ConsumerBroker",
@@ -46,6 +47,7 @@ __all__ = [
     "FormulaView",
     "IdempotencyKey",
     "MessageInfo",
+    "NewApiKey",
     "OperatorBroker",
     "Submission",
     "SubmissionBroker",
@@ -139,10 +141,15 @@ class Submission:
 
 @dataclass(frozen=True, slots=True)
 class IdempotencyKey:
-    """A client's ``Idempotency-Key`` and a digest of the body it came with."""
+    """A client's ``Idempotency-Key`` and a digest of the body it came with.
+
+    ``owner`` is the id of the API key that sent it: the same string from two
+    API keys is two independent keys. Empty with ``FORMULARY_AUTH=off``.
+    """
 
     key: str
     body_digest: str
+    owner: str = ""
 
 
 SubmitRequest = tuple[FormulaDraft, IdempotencyKey | None]
@@ -195,6 +202,35 @@ class MessageInfo:
     """Holder of the current lease, if in flight."""
     visible_at: float | None
     """Wall-clock epoch seconds: the lease's end (in flight) or the delay's (delayed)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ApiKey:
+    """An API key as operators and the API see it: never its secret."""
+
+    id: str
+    name: str
+    scopes: tuple[str, ...]
+    """Of ``broker.apikeys.SCOPES``."""
+    created_at: str  # RFC 3339, UTC
+    revoked_at: str | None
+
+    def as_data(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "name": self.name,
+            "scopes": list(self.scopes),
+            "created_at": self.created_at,
+            "revoked_at": self.revoked_at,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class NewApiKey:
+    """A key just made, with its secret: the only time the secret is shown."""
+
+    key: ApiKey
+    secret: str = field(repr=False)
 
 
 def _gauge(metric: str, text: str) -> Any:
@@ -273,6 +309,16 @@ class BaseBroker(Protocol):
 class SubmissionBroker(BaseBroker, Protocol):
     """What the HTTP API needs."""
 
+    @read_only
+    def authenticate(self, key_id: str, secret_digest: str) -> ApiKey | None:
+        """The key ``key_id`` if ``secret_digest`` is its secret's (``broker.apikeys``) and
+        it is not revoked; None otherwise. Compared in constant time."""
+
+    def rate_limit(self, key_id: str) -> float:
+        """Spend one of the key's requests under ``FORMULARY_RATE_LIMIT``: 0.0 if it may
+        go ahead, else the seconds until it may (nothing spent). Always 0.0 without a
+        limit."""
+
     def submit(self, draft: FormulaDraft, idempotency: IdempotencyKey | None = None) -> Submission:
         """Store a new make-up and publish its message, atomically.
 
@@ -349,6 +395,18 @@ class OperatorBroker(BaseBroker, Protocol):
 
     def redrive_all(self) -> int:
         """Redrive every dead letter; returns how many."""
+
+    def create_key(self, name: str, scopes: Sequence[str]) -> NewApiKey:
+        """A new API key with ``scopes`` (of ``broker.apikeys.SCOPES``); ``ValueError`` for
+        an empty or over-long name or an unknown scope. Only a digest of the secret is kept."""
+
+    @read_only
+    def list_keys(self) -> list[ApiKey]:
+        """Every key, revoked ones too, oldest first."""
+
+    def revoke_key(self, key_id: str) -> None:
+        """From now on the key authenticates nothing; ``ApiKeyNotFound``. Revoking a
+        revoked key changes nothing."""
 
 
 class Broker(SubmissionBroker, ConsumerBroker, OperatorBroker, Protocol):

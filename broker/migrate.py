@@ -17,8 +17,10 @@ fingerprint, message id, created_at, deliveries, processed_at, summary); the
 idempotency keys that have not expired, with their expiry; every
 unacknowledged message with its delivery count (one leased or delayed at
 the source is ready at the target, as after a broker restart); the dead
-letters, dead still, in their order. Ids stay the same, so clients' ids and
-Locations keep working.
+letters, dead still, in their order; every API key, revoked or not, with its
+name, scopes, times and the digest of its secret. Ids stay the same, so
+clients' ids and Locations keep working, and so do their API keys' secrets
+(each idempotency key stays its API key's).
 
 The target must be empty: a missing journal file is created, a database
 gets its schema. The copy is one transaction, so a failed or interrupted run
@@ -155,6 +157,7 @@ def copy(source: Source, target: Target, progress: Progress, *, batch: int = BAT
         progress.track("formulas", holdings.formulas, source.formulas(batch)),
         progress.track("idempotency keys", holdings.keys, source.keys(batch)),
         progress.track("messages", holdings.messages, source.messages(batch)),
+        progress.track("API keys", holdings.api_keys, source.api_keys(batch)),
     )
     return holdings
 

@@ -40,6 +40,9 @@ class Settings:
     max_deliveries: int = 5
     handler: str = DEFAULT_HANDLER
     idempotency_ttl: float = 24 * 3600.0
+    auth: str = "required"
+    rate_limit: float | None = None
+    """Requests per second each API key may make (burst: as many); None for no limit."""
     log_level: str = "INFO"
 
     @classmethod
@@ -81,6 +84,12 @@ class Settings:
             raise SettingsError(f"{PREFIX}MAX_DELIVERIES must be at least 1")
         if ":" not in self.handler:
             raise SettingsError(f"{PREFIX}HANDLER must look like module:function")
+        if self.auth not in AUTH_MODES:
+            raise SettingsError(f"{PREFIX}AUTH must be one of {', '.join(AUTH_MODES)}")
+
+    @property
+    def auth_required(self) -> bool:
+        return self.auth == "required"
 
     @property
     def in_memory(self) -> bool:
@@ -106,6 +115,20 @@ def parse_host_port(value: str) -> tuple[str, int] | None:
     return host.strip("[]"), int(port)
 
 
+AUTH_MODES = ("required", "off")
+
+
+def _rate(raw: str) -> float:
+    """``"50/s"`` -> 50.0."""
+    number, slash, unit = raw.strip().partition("/")
+    if not slash or unit.strip() != "s":
+        raise ValueError("must look like N/s, such as 50/s")
+    value = float(number)
+    if not value > 0 or value == float("inf"):
+        raise ValueError("must be a positive number of requests per second")
+    return value
+
+
 def _positive_float(raw: str) -> float:
     value = float(raw)
     if not value > 0 or value == float("inf"):
@@ -127,6 +150,8 @@ _PARSERS: dict[str, Callable[[str], object]] = {
     "max_deliveries": int,
     "handler": str,
     "idempotency_ttl": _positive_float,
+    "auth": str.lower,
+    "rate_limit": _rate,
     "log_level": str.upper,
 }
 

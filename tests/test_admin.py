@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import socket
@@ -30,6 +31,7 @@ from broker.admin import (
     encode_reply,
     parse_command,
 )
+from broker.apikeys import digest
 from broker.engines.embedded import EmbeddedBroker
 from broker.formula import FormulaDraft, parse_formula
 from broker.interface import FormulaView
@@ -252,19 +254,21 @@ def test_redrive_of_something_that_is_not_a_dead_letter_is_an_error(
 def test_help_describes_every_command(commands: AdminCommands) -> None:
     reply = commands.dispatch("help")
     assert reply["ok"] is True
-    assert (
-        set(reply["commands"])
-        == set(COMMANDS)
-        == {
-            "ping",
-            "stats",
-            "show",
-            "dead",
-            "redrive",
-            "help",
-        }
-    )
+    assert set(COMMANDS) == {"ping", "stats", "show", "dead", "redrive", "key", "help"}
+    # key's own commands are described one by one.
+    assert list(reply["commands"]) == [
+        "ping",
+        "stats",
+        "show",
+        "dead",
+        "redrive",
+        "key create",
+        "key list",
+        "key revoke",
+        "help",
+    ]
     assert all(isinstance(text, str) and text for text in reply["commands"].values())
+    assert reply["commands"]["key create"].startswith("key create NAME [SCOPE,...]: ")
 
 
 def test_an_unknown_command_or_extra_argument_is_an_error(commands: AdminCommands) -> None:
@@ -274,6 +278,58 @@ def test_an_unknown_command_or_extra_argument_is_an_error(commands: AdminCommand
     }
     assert commands.dispatch("ping twice") == {"ok": False, "error": "usage: ping"}
     assert commands.dispatch("") == {"ok": False, "error": "empty command"}
+
+
+def test_key_create_answers_the_key_with_its_secret_and_list_shows_it_without(
+    one_shot: EmbeddedBroker,
+) -> None:
+    commands = AdminCommands(one_shot)
+    made = commands.dispatch("key create ci")
+    assert made["ok"] is True and set(made) == {"ok", "id", "name", "scopes", "secret"}
+    assert (made["name"], made["scopes"]) == ("ci", ["submit", "read"])
+    key = one_shot.authenticate(made["id"], digest(made["secret"]))
+    assert key is not None and key.id == made["id"]
+    scraper = commands.dispatch("KEY CREATE scraper METRICS,read")
+    assert scraper["scopes"] == ["read", "metrics"]
+
+    listed = commands.dispatch("key list")
+
+    assert listed == {"ok": True, "keys": [k.as_data() for k in one_shot.list_keys()]}
+    assert [k["id"] for k in listed["keys"]] == [made["id"], scraper["id"]]
+    assert set(listed["keys"][0]) == {"id", "name", "scopes", "created_at", "revoked_at"}
+    assert made["secret"] not in json.dumps(listed)
+
+
+def test_key_revoke_answers_ok_and_the_key_no_longer_lets_anyone_in(
+    one_shot: EmbeddedBroker,
+) -> None:
+    commands = AdminCommands(one_shot)
+    made = commands.dispatch("key create ci submit")
+
+    assert commands.dispatch(f"key revoke {made['id']}") == {"ok": True}
+
+    assert one_shot.authenticate(made["id"], digest(made["secret"])) is None
+    [key] = commands.dispatch("key list")["keys"]
+    assert key["revoked_at"] is not None
+    assert commands.dispatch(f"key revoke {made['id']}") == {"ok": True}  # again: harmless
+
+
+def test_key_commands_typed_wrong_are_errors_that_make_nothing(commands: AdminCommands) -> None:
+    errors = {
+        "key create ci admin": "unknown scope 'admin': scopes are submit, read, metrics",
+        "key create ci read,admin": "unknown scope 'admin': scopes are submit, read, metrics",
+        "key create ci ,": "a key needs at least one scope of submit, read, metrics",
+        f"key create {'n' * 101}": "a key's name is at most 100 characters",
+        "key create": "usage: key create NAME [SCOPE,...]",
+        "key revoke": "usage: key revoke ID",
+        "key revoke nope": "no API key has id 'nope'",
+        "key list all": "usage: key list",
+        "key rotate ci": "unknown key command 'rotate'; try help",
+        "key": "usage: key create|list|revoke ...",
+    }
+    for line, error in errors.items():
+        assert commands.dispatch(line) == {"ok": False, "error": error}, line
+    assert commands.dispatch("key list") == {"ok": True, "keys": []}
 
 
 class BrokenBroker(EmbeddedBroker):
@@ -367,7 +423,7 @@ def test_every_command_answers_in_turn_on_one_connection(
     ]
     assert [d["formula_id"] for d in client.ask("dead 5")["dead"]] == [rose.id]
     assert client.ask(f"redrive {rose.message_id}") == {"ok": True, "redriven": 1}
-    assert set(client.ask("help")["commands"]) == set(COMMANDS)
+    assert client.ask("help") == AdminCommands(one_shot).dispatch("help")
 
 
 def test_errors_are_answered_and_the_connection_stays_open(
@@ -382,6 +438,29 @@ def test_errors_are_answered_and_the_connection_stays_open(
     assert client.reply() == {"ok": False, "error": "line too long"}
     client.send(b"\n   \n")  # blank lines get no reply
     assert client.ask("ping") == {"ok": True, "pong": True}
+
+
+def test_no_secret_reaches_the_log_whatever_is_asked(
+    server: AdminServer, connect: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    client = connect(server.path)
+    made = client.ask("key create ci submit,read")
+    other = client.ask("key create scraper metrics")
+    client.ask("key list")
+    client.ask(f"key revoke {made['id']}")
+    client.ask("key create ci admin")
+    client.send(b"key create " + b"x" * 10_000 + b"\n")
+    assert client.reply()["error"] == "line too long"
+    client.close()
+    wait_for(lambda: server.path.exists(), what="the server")
+
+    secrets = (made["secret"], other["secret"])
+    assert all(secret.startswith("fmk.") for secret in secrets)
+    logged = caplog.text + "".join(repr(r.args) for r in caplog.records)
+    assert made["id"] in logged  # the engine says which key it made, by id
+    assert not any(secret in logged for secret in secrets)
+    assert not any(secret.split(".")[-1] in logged for secret in secrets)
 
 
 def test_the_socket_is_owner_only_in_an_owner_only_directory(
@@ -536,6 +615,44 @@ def test_the_cli_prints_a_formula_as_key_value_lines(
     assert "materials:" in lines and "summary: -" in lines and "message:" in lines
     assert ["Musk", "2.5"] in [line.split() for line in lines]
     assert ["state:", "ready"] in [line.split() for line in lines]
+
+
+def test_the_cli_prints_a_new_keys_secret_on_its_own_line_after_a_warning(
+    server: AdminServer, one_shot: EmbeddedBroker
+) -> None:
+    done = admin_cli("key", "create", "ci", "--socket", str(server.path))
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    [key] = one_shot.list_keys()
+    assert lines[0].split() == ["id:", key.id] and lines[1].split() == ["name:", "ci"]
+    assert lines[2] == "scopes: submit,read"
+    assert "shown this once" in lines[-2]
+    assert one_shot.authenticate(key.id, digest(lines[-1])) == key
+
+
+def test_the_cli_prints_keys_as_a_table_and_says_what_it_revoked(
+    server: AdminServer, one_shot: EmbeddedBroker
+) -> None:
+    assert admin_cli("key", "list", "--socket", str(server.path)).stdout == "no API keys\n"
+    ci = one_shot.create_key("ci", ["submit", "read"]).key
+    scraper = one_shot.create_key("scraper", ["metrics"]).key
+    one_shot.revoke_key(ci.id)
+
+    done = admin_cli("key", "list", "--socket", str(server.path))
+
+    assert done.returncode == 0, done.stderr
+    header, first, second = done.stdout.splitlines()
+    assert header.split() == ["id", "name", "scopes", "created_at", "revoked_at"]
+    [revoked] = [k for k in one_shot.list_keys() if k.id == ci.id]
+    assert first.split() == [ci.id, "ci", "submit,read", ci.created_at, str(revoked.revoked_at)]
+    assert second.split() == [scraper.id, "scraper", "metrics", scraper.created_at, "-"]
+    assert header.index("created_at") == first.index(ci.created_at)
+    assert first.index(ci.created_at) == second.index(scraper.created_at)
+    done = admin_cli("key", "revoke", scraper.id, "--socket", str(server.path))
+    assert (done.returncode, done.stdout) == (0, f"revoked API key {scraper.id}\n")
+    done = admin_cli("--json", "key", "revoke", "nope", "--socket", str(server.path))
+    assert done.returncode == 1
+    assert json.loads(done.stdout) == {"ok": False, "error": "no API key has id 'nope'"}
 
 
 def test_the_cli_exits_1_when_the_broker_answers_an_error(server: AdminServer) -> None:

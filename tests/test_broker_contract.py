@@ -18,15 +18,19 @@ import contextlib
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import replace
+from datetime import datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from broker.apikeys import MAX_NAME, digest, parse_secret
 from broker.client import BrokerClient
 from broker.engines import open_engine
 from broker.errors import (
+    ApiKeyNotFound,
     DuplicateFormula,
     FormulaNotFound,
     IdempotencyKeyReused,
@@ -165,6 +169,8 @@ def test_every_broker_method_is_in_the_one_list_and_answers(remote) -> None:
         "stats",
         "message_info",
         "dead_letters",
+        "authenticate",
+        "list_keys",
     }
 
 
@@ -197,6 +203,9 @@ def test_errors_cross_with_their_fields(remote) -> None:
         remote.message_info("nope")
     with pytest.raises(MessageNotFound):
         remote.redrive("nope")
+    with pytest.raises(ApiKeyNotFound) as unknown:
+        remote.revoke_key("nope")
+    assert unknown.value.key_id == "nope"
 
 
 def test_an_idempotency_key_replays_its_first_answer_exactly(remote) -> None:
@@ -230,6 +239,34 @@ def test_idempotency_keys_are_forgotten_after_their_time(open_broker) -> None:
         return False
 
     wait_for(forgotten, what="the key to be forgotten")
+
+
+def test_an_idempotency_key_belongs_to_the_api_key_that_sent_it(remote) -> None:
+    rose = remote.submit(ROSE, IdempotencyKey("k", "rose", owner="alice"))
+    # The same string from another owner is another key: its own body, its own answer.
+    vetiver = remote.submit(VETIVER, IdempotencyKey("k", "vetiver", owner="bob"))
+    assert not rose.replayed and not vetiver.replayed
+    assert rose.formula.id != vetiver.formula.id
+    again = remote.submit(ROSE, IdempotencyKey("k", "rose", owner="alice"))
+    assert again == replace(rose, replayed=True)
+    assert remote.submit(VETIVER, IdempotencyKey("k", "vetiver", owner="bob")).replayed
+    with pytest.raises(IdempotencyKeyReused):
+        remote.submit(VETIVER, IdempotencyKey("k", "vetiver", owner="alice"))
+    # No API key (FORMULARY_AUTH=off) is one more owner: this key is new to it.
+    with pytest.raises(DuplicateFormula) as first:
+        remote.submit(ROSE, IdempotencyKey("k", "rose"))
+    assert not first.value.replayed
+    with pytest.raises(DuplicateFormula) as replayed:
+        remote.submit(ROSE, IdempotencyKey("k", "rose"))
+    assert replayed.value.replayed
+    [by_carol, by_dave] = remote.submit_many(
+        [
+            (VETIVER, IdempotencyKey("k2", "vetiver", owner="carol")),
+            (VETIVER, IdempotencyKey("k2", "other body", owner="dave")),
+        ]
+    )
+    assert isinstance(by_carol, DuplicateFormula) and isinstance(by_dave, DuplicateFormula)
+    assert remote.stats().formulas == 2 and remote.stats().published == 2
 
 
 def test_submit_many_answers_each_submit_as_if_it_were_alone(remote) -> None:
@@ -516,13 +553,93 @@ def test_the_embedded_file_engine_keeps_everything_across_a_reopen(tmp_path: Pat
     settings = Settings(data=str(tmp_path / "journal.sqlite3"))
     broker = open_engine(settings)
     accepted = broker.submit(ROSE, IdempotencyKey("k", "d"))
+    owned = broker.submit(VETIVER, IdempotencyKey("k", "other", owner="alice"))
+    kept = broker.create_key("kept", ["submit"])
+    gone = broker.create_key("gone", ["read"])
+    broker.revoke_key(gone.key.id)
+    keys = broker.list_keys()
     broker.close()
     reopened = open_engine(settings)
     try:
         assert reopened.submit(ROSE, IdempotencyKey("k", "d")) == Submission(
             accepted.formula, replayed=True
         )
+        assert reopened.submit(VETIVER, IdempotencyKey("k", "other", owner="alice")) == replace(
+            owned, replayed=True
+        )
+        assert reopened.list_keys() == keys
+        assert reopened.authenticate(kept.key.id, digest(kept.secret)) == kept.key
+        assert reopened.authenticate(gone.key.id, digest(gone.secret)) is None
         [delivery] = reopened.receive("w", 1)
         assert delivery.formula_id == accepted.formula.id
     finally:
         reopened.close()
+
+
+# -- API keys ----------------------------------------------------------------------
+
+
+def seconds(moment: str) -> float:
+    """An RFC 3339 time as the engines write it (``...Z``), as epoch seconds."""
+    assert moment.endswith("Z")
+    return datetime.fromisoformat(moment).timestamp()
+
+
+def test_a_key_is_made_listed_and_revoked_and_only_its_live_secret_lets_it_in(remote) -> None:
+    made = remote.create_key("ci", ["read", "submit"])
+    key = made.key
+    assert (key.name, key.scopes, key.revoked_at) == ("ci", ("submit", "read"), None)
+    assert abs(seconds(key.created_at) - time.time()) < 60
+    assert parse_secret(made.secret) == (key.id, digest(made.secret))
+    assert made.secret not in repr(made)
+    assert remote.authenticate(key.id, digest(made.secret)) == key
+    assert remote.authenticate(key.id, digest(made.secret + "x")) is None
+    assert remote.authenticate(key.id, "") is None
+    assert remote.authenticate(key.id, "é" * 64) is None
+    assert remote.authenticate("no-such-key", digest(made.secret)) is None
+    scraper = remote.create_key("scraper", ["metrics"])
+    assert scraper.key.id != key.id and scraper.secret != made.secret
+    assert remote.list_keys() == [key, scraper.key]
+
+    remote.revoke_key(key.id)
+
+    assert remote.authenticate(key.id, digest(made.secret)) is None
+    assert remote.authenticate(scraper.key.id, digest(scraper.secret)) == scraper.key
+    revoked, still = remote.list_keys()
+    assert revoked == replace(key, revoked_at=revoked.revoked_at) and still == scraper.key
+    assert revoked.revoked_at is not None
+    assert seconds(key.created_at) <= seconds(revoked.revoked_at) <= time.time() + 60
+    remote.revoke_key(key.id)  # again: harmless, and the first time stays
+    assert remote.list_keys()[0] == revoked
+
+
+def test_a_key_needs_a_name_and_known_scopes(remote) -> None:
+    made = remote.create_key(f"  {'n' * MAX_NAME}  ", ["METRICS", " read", "read"])
+    assert (made.key.name, made.key.scopes) == ("n" * MAX_NAME, ("read", "metrics"))
+    refused = [
+        ("", ["read"]),
+        ("   ", ["read"]),
+        ("n" * (MAX_NAME + 1), ["read"]),
+        ("bell\a", ["read"]),
+        ("ci", ["admin"]),
+        ("ci", ["read", "everything"]),
+        ("ci", []),
+    ]
+    for name, scopes in refused:
+        with pytest.raises(ValueError):
+            remote.create_key(name, scopes)
+    assert remote.list_keys() == [made.key]
+
+
+def test_without_a_rate_limit_every_call_may_go_ahead(remote) -> None:
+    assert [remote.rate_limit("k") for _ in range(20)] == [0.0] * 20
+
+
+def test_a_key_past_its_burst_is_told_how_long_to_wait_and_others_are_not(open_broker) -> None:
+    broker = open_broker(rate_limit=2.0)
+    assert [broker.rate_limit("a"), broker.rate_limit("a")] == [0.0, 0.0]
+    wait = broker.rate_limit("a")
+    assert 0.0 < wait <= 0.5
+    assert broker.rate_limit("b") == 0.0
+    time.sleep(wait + 0.05)
+    assert broker.rate_limit("a") == 0.0

@@ -14,6 +14,11 @@ import pytest
 from broker.engines import EngineError, open_engine
 from broker.engines.embedded import EmbeddedBroker
 from broker.engines.postgres.schema import latest_version
+from broker.engines.postgres.service import pack_materials
+from broker.engines.postgres.sql import migrations
+from broker.errors import DuplicateFormula
+from broker.formula import parse_formula
+from broker.interface import IdempotencyKey
 from broker.settings import Settings
 from tests.support import ROOT, environment, free_port
 
@@ -39,7 +44,47 @@ def test_a_postgresql_uri_opens_the_postgresql_engine_and_makes_its_schema(
         engine.close()
     with psycopg.connect(postgres_dsn) as connection:
         versions = connection.execute("SELECT version FROM formulary.schema_version").fetchall()
-    assert versions == [(latest_version(),)]
+    assert versions == [(version,) for version in range(1, latest_version() + 1)]
+
+
+def test_a_version_1_database_is_migrated_and_its_keys_belong_to_no_api_key(
+    postgres_dsn: str,
+) -> None:
+    # A database as Formulary made it before API keys, with one keyed submit in it.
+    rose = parse_formula(b'{"name": "Rose", "materials": [{"name": "Rose", "concentration": 1}]}')
+    first = migrations()[0]
+    with psycopg.connect(postgres_dsn) as connection:
+        connection.execute("CREATE SCHEMA formulary")
+        connection.execute(
+            "CREATE TABLE formulary.schema_version (version integer PRIMARY KEY,"
+            " name text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())"
+        )
+        connection.execute(first.sql.encode())
+        connection.execute(
+            "INSERT INTO formulary.schema_version (version, name) VALUES (1, %s)", [first.name]
+        )
+        row = connection.execute(
+            "SELECT outcome FROM formulary.submit('k', 'digest', 3600, 'formula-1-xxxxxxxxxxxx',"
+            " 'Rose', %s::jsonb, %s, 'message-1-xxxxxxxxxxxx', 100)",
+            [pack_materials(rose.materials), rose.fingerprint],
+        ).fetchone()
+        assert row == ("accepted",)
+
+    engine = open_engine(Settings(data=postgres_dsn))
+    try:
+        replayed = engine.submit(rose, IdempotencyKey("k", "digest"))
+        assert replayed.replayed and replayed.formula.id == "formula-1-xxxxxxxxxxxx"
+        with pytest.raises(DuplicateFormula) as other_owner:
+            engine.submit(rose, IdempotencyKey("k", "another digest", owner="alice"))
+        assert not other_owner.value.replayed
+        assert engine.list_keys() == []
+        made = engine.create_key("first", ["read"])
+        assert engine.list_keys() == [made.key]
+    finally:
+        engine.close()
+    with psycopg.connect(postgres_dsn) as connection:
+        versions = connection.execute("SELECT version FROM formulary.schema_version").fetchall()
+    assert versions == [(1,), (2,)]
 
 
 def test_brokers_starting_together_on_a_new_database_all_start(postgres_dsn: str) -> None:

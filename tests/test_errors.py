@@ -20,6 +20,7 @@ EXAMPLES = [
     errors.InvalidSummary("NaN is not JSON"),
     errors.StaleReceipt("m.r"),
     errors.MessageNotFound("m"),
+    errors.ApiKeyNotFound("k1"),
     errors.StorageFailed("disk full"),
     errors.BrokerUnavailable("refused"),
 ]

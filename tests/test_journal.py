@@ -13,6 +13,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator
+from dataclasses import replace
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -21,21 +22,25 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
+from broker.engines.embedded.apikeys import ApiKeyRecord
 from broker.engines.embedded.changes import (
     BuryMessage,
     Change,
     CountDelivery,
+    CreateApiKey,
     DeleteMessage,
     ForgetKeys,
     RecordResult,
     RecoveredMessage,
     RedriveMessage,
     RememberKey,
+    RevokeApiKey,
     StoreFormula,
 )
 from broker.engines.embedded.idempotency import Remembered
 from broker.engines.embedded.journal import (
     _SCHEMA_V1,
+    MIGRATIONS,
     JournalError,
     MemoryJournal,
     SqliteJournal,
@@ -212,6 +217,28 @@ def test_a_key_recorded_again_after_expiring_comes_back_twice_oldest_first(
     assert [k.body_digest for k in journal.load().keys] == ["d2"]
 
 
+def test_keys_of_two_owners_and_api_keys_come_back_with_their_revocations(path: Path) -> None:
+    a = record(1)
+    shared = Remembered("same", "d1", a.formula_id, False, 100.0)
+    owned = Remembered("same", "d2", a.formula_id, True, 100.0, owner="key-id-1")
+    alpha = ApiKeyRecord("key-id-1", "Alpha", ("submit", "read"), "a" * 64, 1_795_000_000.5)
+    beta = ApiKeyRecord("key-id-2", "Bêta ✓", ("metrics",), "b" * 64, 1_795_000_001.0)
+    gamma = ApiKeyRecord("key-id-3", "Gamma", ("read",), "c" * 64, 1_795_000_002.0, 5.0)
+    journal = SqliteJournal(path)
+    journal.write([StoreFormula(a), RememberKey(shared), RememberKey(owned)])
+    journal.write([CreateApiKey(alpha), CreateApiKey(beta)])
+    journal.write([RevokeApiKey("key-id-2", 1_795_000_010.0), CreateApiKey(gamma)])
+    journal.write([RevokeApiKey("key-id-2", 1_795_000_020.0)])  # keeps the first time
+    journal.close()
+
+    journal = SqliteJournal(path)
+    recovered = journal.load()
+    journal.close()
+
+    assert recovered.keys == [shared, owned]
+    assert recovered.api_keys == [alpha, replace(beta, revoked_at=1_795_000_010.0), gamma]
+
+
 # Validation refuses control characters (a tab among them) in names.
 names = st.text(st.characters(codec="utf-8", exclude_categories=("Cc",)), min_size=1, max_size=30)
 concentrations = st.decimals(allow_nan=False, allow_infinity=False, places=None)
@@ -301,6 +328,53 @@ def test_a_missing_directory_is_created_owner_only_and_the_file_is_0600(tmp_path
     conn.close()
 
 
+def test_a_version_2_file_is_migrated_its_keys_owned_by_no_api_key(path: Path) -> None:
+    # A journal as Formulary wrote it before API keys.
+    conn = sqlite3.connect(path)
+    for step in (MIGRATIONS[0], MIGRATIONS[1]):
+        step(conn)
+    conn.execute("PRAGMA user_version = 2")
+    a = record(1)
+    conn.execute(
+        "INSERT INTO formulas (id, name, materials, fingerprint, message_id, created_at,"
+        " deliveries) VALUES (?, ?, ?, ?, ?, ?, 0)",
+        (a.formula_id, a.name, a.packed_materials, a.fingerprint, a.message_id, a.created_at),
+    )
+    conn.execute(
+        "INSERT INTO keys (key, body_digest, expires_at, formula_id, duplicate)"
+        " VALUES ('k1', 'digest', 100.0, ?, 0)",
+        (a.formula_id,),
+    )
+    conn.commit()
+    conn.close()
+
+    journal = SqliteJournal(path)
+    recovered = journal.load()
+    assert recovered.keys == [Remembered("k1", "digest", a.formula_id, False, 100.0, owner="")]
+    assert recovered.api_keys == []
+    alpha = ApiKeyRecord("key-id-1", "Alpha", ("submit",), "a" * 64, 1.0)
+    owned = Remembered("k1", "other", a.formula_id, True, 200.0, owner="key-id-1")
+    journal.write([CreateApiKey(alpha), RememberKey(owned)])
+    assert journal.load().api_keys == [alpha]
+    assert journal.load().keys[-1] == owned
+    journal.close()
+    conn = sqlite3.connect(path)
+    assert conn.execute("PRAGMA user_version").fetchone() == (SqliteJournal.SCHEMA_VERSION,) == (3,)
+    conn.close()
+
+
+def test_a_version_3_file_without_its_api_keys_table_is_refused(path: Path) -> None:
+    conn = sqlite3.connect(path)
+    for step in (MIGRATIONS[0], MIGRATIONS[1]):
+        step(conn)
+    conn.execute("PRAGMA user_version = 3")
+    conn.commit()
+    conn.close()
+
+    with pytest.raises(JournalError, match=r"lacks tables \['api_keys'\]"):
+        SqliteJournal(path)
+
+
 def test_a_version_1_file_is_migrated_and_its_keys_name_their_formulas(path: Path) -> None:
     # A journal as Formulary wrote it before keys stopped keeping whole answers.
     conn = sqlite3.connect(path)
@@ -336,14 +410,14 @@ def test_a_version_1_file_is_migrated_and_its_keys_name_their_formulas(path: Pat
 
 def test_a_file_from_a_newer_formulary_is_refused_and_left_alone(path: Path) -> None:
     conn = sqlite3.connect(path)
-    conn.execute("PRAGMA user_version = 3")
+    conn.execute("PRAGMA user_version = 4")
     conn.close()
 
-    with pytest.raises(JournalError, match=r"newer Formulary \(schema 3 > 2\); upgrade"):
+    with pytest.raises(JournalError, match=r"newer Formulary \(schema 4 > 3\); upgrade"):
         SqliteJournal(path)
 
     conn = sqlite3.connect(path)
-    assert conn.execute("PRAGMA user_version").fetchone() == (3,)
+    assert conn.execute("PRAGMA user_version").fetchone() == (4,)
     assert conn.execute("PRAGMA journal_mode").fetchone() == ("delete",)
     conn.close()
 
@@ -450,6 +524,7 @@ def test_memory_mode_writes_nothing_and_recovers_nothing(tmp_path: Path) -> None
     recovered = journal.load()
 
     assert (recovered.formulas, recovered.messages, recovered.keys) == ([], [], [])
+    assert recovered.api_keys == []
     file_journal = open_journal(str(tmp_path / "j.sqlite3"))
     assert isinstance(file_journal, SqliteJournal)
     file_journal.close()

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, TypeVar
 
 import pytest
 
+from broker.apikeys import digest
 from broker.engines import Engine, open_engine
 from broker.engines.embedded.changes import StoreFormula
 from broker.engines.embedded.journal import SqliteJournal
@@ -34,6 +35,7 @@ from broker.interface import (
     MAX_PAGE,
     PROCESSED,
     QUEUED,
+    ApiKey,
     BrokerStats,
     FormulaView,
     IdempotencyKey,
@@ -111,10 +113,14 @@ class Deployment:
     accepted: dict[str, Submission]
     dead: list[MessageInfo]
     stats: BrokerStats
+    api_keys: list[ApiKey]
+    secrets: dict[str, str]
+    """Each API key's secret, by its name."""
 
 
 def build(data: str) -> Deployment:
-    """A deployment in every state: processed, failed, leased, delayed, fresh; keys alive or not."""
+    """A deployment in every state: processed, failed, leased, delayed, fresh; keys alive or
+    not, of no API key and of one; API keys live and revoked."""
     # A broker that dead-letters on the first nack and forgets keys at once.
     engine = open_engine(Settings(data=data, max_deliveries=1, idempotency_ttl=0.001))
     try:
@@ -134,6 +140,13 @@ def build(data: str) -> Deployment:
             accepted[name] = engine.submit(DRAFTS[name], keyed)
         [refused] = engine.submit_many([(DRAFTS["d"], key("dup"))])
         assert isinstance(refused, DuplicateFormula)
+        client = engine.create_key("client", ["submit", "read"])
+        former = engine.create_key("former", ["metrics"])
+        engine.revoke_key(former.key.id)
+        # The client's own key-a: another key than the one of no API key, above.
+        owned = IdempotencyKey("key-a", "digest-client", owner=client.key.id)
+        [owned_refusal] = engine.submit_many([(DRAFTS["a"], owned)])
+        assert isinstance(owned_refusal, DuplicateFormula) and not owned_refusal.replayed
         a, b, c, e, f = engine.receive("worker", 5)
         engine.ack(f.receipt)  # acked without a result: no message, still queued
         for done in (a, c):
@@ -143,7 +156,12 @@ def build(data: str) -> Deployment:
         [again] = engine.receive("worker", 1, visibility_timeout=300)
         assert (again.formula_id, again.delivery) == (accepted["b"].formula.id, 2)
         deployment = Deployment(
-            engine.list_formulas(MAX_PAGE).items, accepted, engine.dead_letters(), engine.stats()
+            engine.list_formulas(MAX_PAGE).items,
+            accepted,
+            engine.dead_letters(),
+            engine.stats(),
+            engine.list_keys(),
+            {"client": client.secret, "former": former.secret},
         )
     finally:
         engine.close()
@@ -163,6 +181,8 @@ def build(data: str) -> Deployment:
     ]
     assert (deployment.stats.depth, deployment.stats.in_flight) == (1, 1)
     assert (deployment.stats.delayed, deployment.stats.dead) == (1, 2)
+    assert [k.name for k in deployment.api_keys] == ["client", "former"]
+    assert deployment.api_keys[1].revoked_at is not None
     return deployment
 
 
@@ -222,6 +242,23 @@ def test_a_deployment_copied_to_another_engine_answers_as_the_original_did(
         doomed_id = before.accepted["doomed"].formula.id
         assert isinstance(expired, DuplicateFormula)
         assert expired.args == (doomed_id, DRAFTS["doomed"].fingerprint, False)
+
+        # API keys as they were, revoked or not; their secrets work as before.
+        assert engine.list_keys() == before.api_keys
+        client, former = before.api_keys
+        assert engine.authenticate(client.id, digest(before.secrets["client"])) == client
+        assert engine.authenticate(former.id, digest(before.secrets["former"])) is None
+        # An idempotency key stays its API key's.
+        a_id = before.accepted["a"].formula.id
+        [owned, owned_reused] = engine.submit_many(
+            [
+                (DRAFTS["a"], IdempotencyKey("key-a", "digest-client", owner=client.id)),
+                (DRAFTS["a"], IdempotencyKey("key-a", "digest-a", owner=client.id)),
+            ]
+        )
+        assert isinstance(owned, DuplicateFormula)
+        assert owned.args == (a_id, DRAFTS["a"].fingerprint, True)
+        assert isinstance(owned_reused, IdempotencyKeyReused)
 
         # Live messages: redeliveries first, each count going on; then the fresh one.
         deliveries = engine.receive("worker", 10)
@@ -284,6 +321,27 @@ def test_a_target_that_holds_anything_is_refused_and_left_as_it_was(
 
     assert "is not empty: it holds 1 formula, 1 idempotency key, 1 message" in out.getvalue()
     assert listed(target) == before
+
+
+@pytest.mark.parametrize("target_kind", [EMBEDDED, POSTGRES])
+def test_a_target_that_holds_only_an_api_key_is_refused(place: Place, target_kind: str) -> None:
+    source, _ = small_source(place)
+    target = place(target_kind)
+    engine = open_broker(target)
+    try:
+        made = engine.create_key("local", ["submit", "read"])
+    finally:
+        engine.close()
+    out = io.StringIO()
+
+    assert main([source, target], stderr=out) == EXIT_REFUSED
+
+    assert "is not empty: it holds 1 API key" in out.getvalue()
+    engine = open_broker(target)
+    try:
+        assert engine.list_keys() == [made.key] and engine.stats().formulas == 0
+    finally:
+        engine.close()
 
 
 def test_memory_is_refused_on_either_side(place: Place, tmp_path: Path) -> None:
@@ -379,7 +437,10 @@ def test_an_import_that_fails_partway_leaves_the_target_empty_for_a_rerun(
     try:
         with pytest.raises(OSError, match="disk went away"):
             target.import_all(
-                failing_after(source.formulas(1), 3), source.keys(1), source.messages(1)
+                failing_after(source.formulas(1), 3),
+                source.keys(1),
+                source.messages(1),
+                source.api_keys(1),
             )
         assert target.holdings().empty
     finally:
@@ -403,13 +464,15 @@ def test_progress_off_a_terminal_is_one_line_per_phase(place: Place) -> None:
     lines = out.getvalue().splitlines()
     assert "\r" not in out.getvalue()
     assert lines[0] == (f"copying {source} -> {target}: 3 formulas, 1 idempotency key, 3 messages")
-    phases = sorted(lines[1:4])
+    phases = sorted(lines[1:5])
     for line, (what, count) in zip(
-        phases, [("formulas", 3), ("idempotency keys", 1), ("messages", 3)], strict=True
+        phases,
+        [("API keys", 0), ("formulas", 3), ("idempotency keys", 1), ("messages", 3)],
+        strict=True,
     ):
         assert re.fullmatch(rf"{what}: {count} of {count} in \d+\.\ds \([\d,-]+/s\)", line), line
-    assert re.fullmatch(r"done in \d+\.\ds: copied 3 formulas, .*", lines[4])
-    assert len(lines) == 5
+    assert re.fullmatch(r"done in \d+\.\ds: copied 3 formulas, .*", lines[5])
+    assert len(lines) == 6
 
 
 def test_progress_on_a_terminal_is_rewritten_in_place() -> None:

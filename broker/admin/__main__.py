@@ -2,9 +2,12 @@
 
 Sends one command line, reads one reply line, and prints it for people (or
 as the raw JSON with ``--json``). Commands: ping, stats, show ID, dead [N],
-redrive ID|all, help. Options may go anywhere; every other word is the
-command or one of its arguments, so an id that starts with "-" needs nothing
-special.
+redrive ID|all, key create NAME [SCOPE,...], key list, key revoke ID, help.
+Options may go anywhere; every other word is the command or one of its
+arguments, so an id that starts with "-" needs nothing special.
+
+``key create`` prints the new key's secret on a line of its own: it is shown
+this once and never again (the broker keeps only its hash).
 """
 
 from __future__ import annotations
@@ -63,7 +66,7 @@ def options_first(argv: Sequence[str]) -> list[str]:
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m broker.admin", description=__doc__)
-    parser.add_argument("command", help="ping, stats, show, dead, redrive or help")
+    parser.add_argument("command", help="ping, stats, show, dead, redrive, key or help")
     parser.add_argument("args", nargs="*", help="the command's arguments")
     parser.add_argument("--json", action="store_true", help="print the reply as raw JSON")
     parser.add_argument(
@@ -111,7 +114,7 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     if args.json:
         print(raw.decode("utf-8").rstrip("\r\n"), file=out)
     elif ok:
-        for line in render(args.command.lower(), reply):
+        for line in render(args.command.lower(), reply, args.args):
             print(line, file=out)
     else:
         print(f"error: {reply.get('error', 'unknown error')}", file=sys.stderr)
@@ -158,8 +161,8 @@ def _read_line(sock: socket.socket, path: Path) -> bytes:
 # -- for people ------------------------------------------------------------------
 
 
-def render(command: str, reply: Mapping[str, Any]) -> list[str]:
-    """The lines to print for a successful reply to ``command``."""
+def render(command: str, reply: Mapping[str, Any], args: Sequence[str] = ()) -> list[str]:
+    """The lines to print for a successful reply to ``command`` with ``args``."""
     fields = {k: v for k, v in reply.items() if k != "ok"}
     if command == "ping":
         return ["pong"]
@@ -167,6 +170,8 @@ def render(command: str, reply: Mapping[str, Any]) -> list[str]:
         return _show(fields)
     if command == "dead":
         return _dead(fields.get("dead", []))
+    if command == "key":
+        return _key(args[0].lower() if args else "", args[1:], fields)
     if command == "help":
         return [str(text) for text in fields.get("commands", {}).values()]
     return _columns(fields.items())
@@ -203,6 +208,45 @@ def _dead(letters: list[Mapping[str, Any]]) -> list[str]:
     ]
     widths = [max(len(row[i]) for row in rows) for i in range(2)]
     return [f"{a:<{widths[0]}}  {b:<{widths[1]}}  {c}" for a, b, c in rows]
+
+
+def _key(verb: str, args: Sequence[str], fields: Mapping[str, Any]) -> list[str]:
+    if verb == "create":
+        shown = [(k, fields.get(k)) for k in ("id", "name")]
+        return [
+            *_labelled([*shown, ("scopes", ",".join(fields.get("scopes", [])))]),
+            "secret (shown this once, never again: keep it now; the broker keeps only its hash):",
+            str(fields.get("secret")),
+        ]
+    if verb == "list":
+        return _keys(fields.get("keys", []))
+    if verb == "revoke" and args:
+        return [f"revoked API key {args[0]}"]
+    return _columns(fields.items())
+
+
+def _keys(keys: list[Mapping[str, Any]]) -> list[str]:
+    if not keys:
+        return ["no API keys"]
+    header = ("id", "name", "scopes", "created_at", "revoked_at")
+    rows = [
+        header,
+        *(
+            (
+                str(k["id"]),
+                str(k["name"]),
+                ",".join(k["scopes"]),
+                str(k["created_at"]),
+                _text(k["revoked_at"]),
+            )
+            for k in keys
+        ),
+    ]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header) - 1)]
+    return [
+        "  ".join([*(cell.ljust(width) for cell, width in zip(row, widths, strict=False)), row[-1]])
+        for row in rows
+    ]
 
 
 def _columns(pairs: Iterable[tuple[Any, Any]], indent: str = "") -> list[str]:

@@ -7,7 +7,12 @@ a domain error; :meth:`AdminCommands.dispatch` turns a whole line into a reply
 and never raises.
 
 Every command is one or two calls on the broker (``OperatorBroker``), so each
-costs what those calls cost in the engine; ``dead N`` is O(N).
+costs what those calls cost in the engine; ``dead N`` is O(N), ``key list``
+O(keys).
+
+``key create``'s reply is the only place an API key's secret ever appears:
+nothing here logs a reply, and a failing command is logged by its line,
+which holds no secret.
 """
 
 from __future__ import annotations
@@ -19,7 +24,8 @@ from dataclasses import asdict
 from typing import Any, Final
 
 from broker.admin.protocol import ProtocolError, Reply, error_reply, ok_reply, parse_command
-from broker.errors import FormulaNotFound, FormularyError, MessageNotFound
+from broker.apikeys import DEFAULT_SCOPES
+from broker.errors import ApiKeyNotFound, FormulaNotFound, FormularyError, MessageNotFound
 from broker.interface import MessageInfo, OperatorBroker, rfc3339
 
 log = logging.getLogger(__name__)
@@ -42,7 +48,21 @@ COMMANDS: Final[dict[str, tuple[str, str, int, int]]] = {
     "show": ("show ID", "a formula (by formula or message id) with its message state", 1, 1),
     "dead": ("dead [N]", f"the N oldest dead letters (default {DEFAULT_DEAD})", 0, 1),
     "redrive": ("redrive ID|all", "send a dead letter (or all of them) back to the queue", 1, 1),
+    "key": ("key create|list|revoke ...", "manage API keys (see key create, list, revoke)", 1, 3),
     "help": ("help", "this list", 0, 0),
+}
+
+# key's own commands, described the same way (fewest and most count the words after it).
+KEY_COMMANDS: Final[dict[str, tuple[str, str, int, int]]] = {
+    "create": (
+        "key create NAME [SCOPE,...]",
+        f"make an API key with these scopes (default {','.join(DEFAULT_SCOPES)}); "
+        "its secret is in this reply only",
+        1,
+        2,
+    ),
+    "list": ("key list", "every API key, revoked ones included (never a secret)", 0, 0),
+    "revoke": ("key revoke ID", "revoke an API key, everywhere within 2 seconds", 1, 1),
 }
 
 
@@ -116,10 +136,38 @@ class AdminCommands:
                 raise CommandError(f"no dead letter has id {_shown(target)}") from None
         return ok_reply(redriven=1)
 
+    def key(self, action: str, *args: str) -> Reply:
+        """``key create NAME [SCOPE,...]``, ``key list`` or ``key revoke ID``."""
+        verb = action.lower()
+        if verb not in KEY_COMMANDS:
+            raise CommandError(f"unknown key command {_shown(action)}; try help")
+        usage, _, fewest, most = KEY_COMMANDS[verb]
+        if not fewest <= len(args) <= most:
+            raise CommandError(f"usage: {usage}")
+        if verb == "create":
+            return self._create_key(*args)
+        if verb == "list":
+            return ok_reply(keys=[key.as_data() for key in self._broker.list_keys()])
+        self._broker.revoke_key(args[0])
+        return ok_reply()
+
+    def _create_key(self, name: str, scopes: str = ",".join(DEFAULT_SCOPES)) -> Reply:
+        try:
+            made = self._broker.create_key(name, scopes.split(","))
+        except ValueError as exc:  # a name or a scope the broker refuses
+            raise CommandError(str(exc)) from None
+        key = made.key
+        return ok_reply(id=key.id, name=key.name, scopes=list(key.scopes), secret=made.secret)
+
     def help(self) -> Reply:
-        return ok_reply(
-            commands={name: f"{usage}: {text}" for name, (usage, text, _, _) in COMMANDS.items()}
-        )
+        commands: dict[str, str] = {}
+        for name, (usage, text, _, _) in COMMANDS.items():
+            if name == "key":
+                for verb, (key_usage, key_text, _, _) in KEY_COMMANDS.items():
+                    commands[f"key {verb}"] = f"{key_usage}: {key_text}"
+            else:
+                commands[name] = f"{usage}: {text}"
+        return ok_reply(commands=commands)
 
     def _message(self, message_id: str) -> MessageInfo | None:
         try:
@@ -141,6 +189,8 @@ def _describe(exc: FormularyError) -> str:
         return f"no formula has id {_shown(exc.formula_id)}"
     if isinstance(exc, MessageNotFound):
         return f"no message has id {_shown(exc.message_id)}"
+    if isinstance(exc, ApiKeyNotFound):
+        return f"no API key has id {_shown(exc.key_id)}"
     return f"{type(exc).__name__}: {exc}"
 
 

@@ -2,8 +2,9 @@
 
 The records are small frozen dataclasses of primitives, the same in every
 engine: a formula with its processing state, an idempotency key's first
-answer, an unacknowledged message. Ids cross unchanged, so the clients' ids
-and ``Location`` paths keep working on the target.
+answer, an unacknowledged message, an API key. Ids cross unchanged, so the
+clients' ids and ``Location`` paths keep working on the target, and API keys
+cross with their secrets' digests, so every client's secret keeps working.
 
 Each engine offers a :class:`Source` (what it holds, counted and iterated in
 batches) and a :class:`Target` (what it holds, and one all-or-nothing import).
@@ -22,6 +23,7 @@ from broker.engines import POSTGRESQL_SCHEMES
 
 __all__ = [
     "MEMORY",
+    "ApiKeyState",
     "FormulaState",
     "Holdings",
     "KeyState",
@@ -70,6 +72,8 @@ class KeyState:
     duplicate: bool
     """The first answer was a 409 naming ``formula_id``, not its 202."""
     expires_at: float
+    owner: str = ""
+    """The id of the API key that sent it; ``""`` for none (``FORMULARY_AUTH=off``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +90,18 @@ class MessageState:
 
 
 @dataclass(frozen=True, slots=True)
+class ApiKeyState:
+    """An API key, revoked or not: its secret's digest, never the secret."""
+
+    key_id: str
+    name: str
+    scopes: tuple[str, ...]
+    secret_digest: str
+    created_at: float
+    revoked_at: float | None
+
+
+@dataclass(frozen=True, slots=True)
 class Holdings:
     """What an engine holds, counted."""
 
@@ -96,20 +112,25 @@ class Holdings:
     messages: int = 0
     """Unacknowledged messages, dead letters included."""
     dead: int = 0
+    api_keys: int = 0
+    """API keys, revoked ones included."""
 
     @property
     def empty(self) -> bool:
         return not any(getattr(self, f.name) for f in fields(self))
 
     def __str__(self) -> str:
+        messages = _count(self.messages, "message")
+        if self.dead:
+            messages += f" ({_count(self.dead, 'dead letter')})"
         parts = [
             _count(self.formulas, "formula"),
             _count(self.keys, "idempotency key"),
             _count(self.expired_keys, "expired idempotency key"),
-            _count(self.messages, "message"),
+            messages,
+            _count(self.api_keys, "API key"),
         ]
-        said = ", ".join(part for part in parts if part) or "nothing"
-        return f"{said} ({_count(self.dead, 'dead letter')})" if self.dead else said
+        return ", ".join(part for part in parts if part) or "nothing"
 
 
 def _count(number: int, noun: str) -> str:
@@ -139,6 +160,9 @@ class Source(Protocol):
     def messages(self, batch: int) -> Iterator[Sequence[MessageState]]:
         """Live messages in the order they would be delivered, then dead letters, oldest first."""
 
+    def api_keys(self, batch: int) -> Iterator[Sequence[ApiKeyState]]:
+        """Every API key, revoked ones included, oldest first."""
+
     def close(self) -> None: ...
 
 
@@ -155,6 +179,7 @@ class Target(Protocol):
         formulas: Iterable[Sequence[FormulaState]],
         keys: Iterable[Sequence[KeyState]],
         messages: Iterable[Sequence[MessageState]],
+        api_keys: Iterable[Sequence[ApiKeyState]],
     ) -> None:
         """Store every record, all in one transaction, or none of them and raise.
 

@@ -3,8 +3,9 @@
 One broker process per deployment. ``service`` is the engine's face (one lock
 around everything); the submit path is in ``admission``; the state lives in
 ``store`` (formulas and the dedupe index), ``queue`` (leases, redelivery,
-dead letters) and ``idempotency`` (remembered answers); ``journal`` writes
-each atomic step's ``changes`` to an SQLite file and gives them back on start.
+dead letters), ``idempotency`` (remembered answers) and ``apikeys`` (who may
+call); ``journal`` writes each atomic step's ``changes`` to an SQLite file
+and gives them back on start.
 """
 
 from __future__ import annotations
@@ -23,5 +24,6 @@ def open_embedded(settings: Settings) -> EmbeddedBroker:
         visibility_timeout=settings.visibility_timeout,
         max_deliveries=settings.max_deliveries,
         idempotency_ttl=settings.idempotency_ttl,
+        rate_limit=settings.rate_limit,
         journal=open_journal(settings.data),
     )

@@ -3,7 +3,7 @@
 A submit, top to bottom (``EmbeddedBroker.submit_many`` runs a group of them
 under its lock, then journals the group's changes in one transaction):
 
-1. an ``Idempotency-Key`` seen before answers with its first answer, rebuilt
+1. an ``Idempotency-Key`` its owner used before answers with its first answer, rebuilt
    from the formula it names (``IdempotencyKeyReused`` if the body differs);
 2. a known make-up is a ``DuplicateFormula``, which the key, if any, remembers;
 3. a full queue is ``QueueFull``;
@@ -53,7 +53,7 @@ class Admission:
     def admit(self, draft: FormulaDraft, idempotency: IdempotencyKey | None) -> SubmitOutcome:
         """One submit, seeing every submit admitted before it (in this group too)."""
         if idempotency is not None:
-            earlier = self._keys.get(idempotency.key, self._now)
+            earlier = self._keys.get(idempotency.owner, idempotency.key, self._now)
             if earlier is not None:
                 return self._replay(earlier, idempotency)
         existing = self._store.by_fingerprint(draft.fingerprint)
@@ -92,7 +92,12 @@ class Admission:
         if idempotency is None:
             return
         remembered = self._keys.put(
-            idempotency.key, idempotency.body_digest, record.formula_id, duplicate, self._now
+            idempotency.owner,
+            idempotency.key,
+            idempotency.body_digest,
+            record.formula_id,
+            duplicate,
+            self._now,
         )
         self.changes.append(RememberKey(remembered))
         self._undoing.append(lambda: self._keys.discard(remembered))

@@ -2,7 +2,8 @@
 
 Each change is a small frozen dataclass naming one step of the broker's state
 (a formula stored, a key remembered, a delivery counted, a result recorded,
-a message acked, buried or redriven, keys forgotten). The broker hands a list
+a message acked, buried or redriven, keys forgotten, an API key made or
+revoked). The broker hands a list
 of them to ``Journal.write`` per atomic step; ``Journal.load`` gives the whole
 state back as a :class:`Recovered`. Kept apart from ``journal`` so a reader
 sees the vocabulary without the SQLite that stores it.
@@ -10,9 +11,10 @@ sees the vocabulary without the SQLite that stores it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
+from broker.engines.embedded.apikeys import ApiKeyRecord
 from broker.engines.embedded.idempotency import Remembered
 from broker.engines.embedded.store import FormulaRecord
 
@@ -20,6 +22,7 @@ __all__ = [
     "BuryMessage",
     "Change",
     "CountDelivery",
+    "CreateApiKey",
     "DeleteMessage",
     "ForgetKeys",
     "RecordResult",
@@ -27,6 +30,7 @@ __all__ = [
     "RecoveredMessage",
     "RedriveMessage",
     "RememberKey",
+    "RevokeApiKey",
     "StoreFormula",
 ]
 
@@ -96,6 +100,21 @@ class ForgetKeys:
     before: float
 
 
+@dataclass(frozen=True, slots=True)
+class CreateApiKey:
+    """A new API key (revoked already when a copy brings one in)."""
+
+    record: ApiKeyRecord
+
+
+@dataclass(frozen=True, slots=True)
+class RevokeApiKey:
+    """An API key was revoked; a key revoked before keeps its first time."""
+
+    key_id: str
+    revoked_at: float
+
+
 Change = (
     StoreFormula
     | RememberKey
@@ -105,6 +124,8 @@ Change = (
     | BuryMessage
     | RedriveMessage
     | ForgetKeys
+    | CreateApiKey
+    | RevokeApiKey
 )
 
 
@@ -128,9 +149,10 @@ class Recovered:
     ``formulas`` in submit order; ``messages`` live ones in queue order (fresh
     in publish order, then redriven in redrive order) followed by dead letters
     oldest first; ``keys`` oldest first, expired or not (the broker expires
-    them).
+    them); ``api_keys`` in the order they were made, revoked ones included.
     """
 
     formulas: list[FormulaRecord]
     messages: list[RecoveredMessage]
     keys: list[Remembered]
+    api_keys: list[ApiKeyRecord] = field(default_factory=list)

@@ -8,6 +8,10 @@ byte for byte from the stored formula as it stood when submitted (see
 ``EmbeddedBroker``); the record costs about a third of what the formula
 does, and nothing of the answer is stored twice.
 
+A key belongs to its owner, the API key that sent it (``""`` with
+``FORMULARY_AUTH=off``): keys are looked up by (owner, key), so the same
+string from two owners is two independent keys.
+
 Every key lives for the same ``ttl``, so keys expire in the order they were
 recorded: a deque in that order lets ``expire`` drop the old ones from the
 front in O(expired), never scanning the live keys. ``get`` and ``put`` are O(1).
@@ -28,45 +32,47 @@ class Remembered:
     formula_id: str
     duplicate: bool
     expires_at: float  # wall-clock seconds
+    owner: str = ""
+    """The id of the API key that sent it; ``""`` with ``FORMULARY_AUTH=off``."""
 
 
 class IdempotencyKeys:
     def __init__(self, ttl: float) -> None:
         self.ttl = ttl
-        self._by_key: dict[str, Remembered] = {}
+        self._by_key: dict[tuple[str, str], Remembered] = {}  # (owner, key) ->
         self._order: deque[Remembered] = deque()
 
     def __len__(self) -> int:
         return len(self._by_key)
 
-    def get(self, key: str, now: float) -> Remembered | None:
-        """The live answer for ``key``; an expired one counts as none."""
-        remembered = self._by_key.get(key)
+    def get(self, owner: str, key: str, now: float) -> Remembered | None:
+        """The live answer for ``owner``'s ``key``; an expired one counts as none."""
+        remembered = self._by_key.get((owner, key))
         return remembered if remembered is not None and remembered.expires_at > now else None
 
     def put(
-        self, key: str, body_digest: str, formula_id: str, duplicate: bool, now: float
+        self, owner: str, key: str, body_digest: str, formula_id: str, duplicate: bool, now: float
     ) -> Remembered:
-        remembered = Remembered(key, body_digest, formula_id, duplicate, now + self.ttl)
+        remembered = Remembered(key, body_digest, formula_id, duplicate, now + self.ttl, owner)
         self.restore(remembered)
         return remembered
 
     def restore(self, remembered: Remembered) -> None:
         """Add a remembered answer (from ``put`` or from the journal, oldest first)."""
-        self._by_key[remembered.key] = remembered
+        self._by_key[remembered.owner, remembered.key] = remembered
         self._order.append(remembered)
 
     def discard(self, remembered: Remembered) -> None:
         """Undo the latest ``put`` (a submit that could not finish)."""
         if self._order and self._order[-1] is remembered:
             self._order.pop()
-        self._by_key.pop(remembered.key, None)
+        self._by_key.pop((remembered.owner, remembered.key), None)
 
     def expire(self, now: float) -> int:
         dropped = 0
         while self._order and self._order[0].expires_at <= now:
             old = self._order.popleft()
-            if self._by_key.get(old.key) is old:
-                del self._by_key[old.key]
+            if self._by_key.get((old.owner, old.key)) is old:
+                del self._by_key[old.owner, old.key]
             dropped += 1
         return dropped

@@ -21,14 +21,17 @@ A transaction is all or nothing in every case. The file is opened in exclusive
 locking mode and the write lock is held until :meth:`SqliteJournal.close`, so a
 second broker on the same file is refused instead of splitting the state.
 
-Schema (version 2, ``PRAGMA user_version``; ``MIGRATIONS`` brings older
+Schema (version 3, ``PRAGMA user_version``; ``MIGRATIONS`` brings older
 files forward): ``formulas`` in submit order (``seq``), with materials as the
 record's packed ``name<TAB>decimal<TAB>...`` text (``store.pack_materials``)
 and the summary as JSON whose numbers are exact decimals (whole numbers come
 back as ``int``); ``messages`` whose ``ord`` (the rowid) is bumped on bury
 and redrive, so one scan in rowid order yields the fresh FIFO, redriven
 messages after it and dead letters oldest first; ``keys`` in the order
-recorded, each naming the formula its answer named.
+recorded, each naming the formula its answer named and the API key that
+owns it (``''`` with ``FORMULARY_AUTH=off``); ``api_keys`` in the order made,
+each with its scopes (comma-separated), its secret's digest (never the
+secret) and its times.
 
 Costs: ``write`` is O(log n) per change (``ForgetKeys`` adds O(k) for the k
 keys dropped) plus one commit, whose fsync dominates with ``FULL``. ``open``
@@ -50,10 +53,12 @@ from pathlib import Path
 from typing import Any, Final, Protocol
 
 from broker.engines import EngineError
+from broker.engines.embedded.apikeys import ApiKeyRecord
 from broker.engines.embedded.changes import (
     BuryMessage,
     Change,
     CountDelivery,
+    CreateApiKey,
     DeleteMessage,
     ForgetKeys,
     RecordResult,
@@ -61,6 +66,7 @@ from broker.engines.embedded.changes import (
     RecoveredMessage,
     RedriveMessage,
     RememberKey,
+    RevokeApiKey,
     StoreFormula,
 )
 from broker.engines.embedded.idempotency import Remembered
@@ -190,13 +196,32 @@ def _keys_name_their_formula(conn: sqlite3.Connection) -> None:
     conn.execute("CREATE INDEX keys_by_expiry ON keys (expires_at)")
 
 
+def _api_keys(conn: sqlite3.Connection) -> None:
+    """v2 -> v3: API keys, and each idempotency key's owner (``''``: no API key)."""
+    # The rowid keeps the order the keys were made in.
+    conn.execute(
+        """CREATE TABLE api_keys (
+            id TEXT PRIMARY KEY,
+            name TEXT NOT NULL,
+            scopes TEXT NOT NULL,
+            secret_digest TEXT NOT NULL,
+            created_at REAL NOT NULL,
+            revoked_at REAL
+        )"""
+    )
+    conn.execute("ALTER TABLE keys ADD COLUMN owner TEXT NOT NULL DEFAULT ''")
+
+
 MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {
     0: _create_v1,
     1: _keys_name_their_formula,
+    2: _api_keys,
 }
 """``{version: step}``: each step turns a file of that version into the next one."""
 
 _TABLES = frozenset({"formulas", "messages", "keys"})
+_TABLES_SINCE: dict[int, frozenset[str]] = {3: frozenset({"api_keys"})}
+"""Tables a file of that version or later must have, beyond ``_TABLES``."""
 _SYNCHRONOUS = ("OFF", "NORMAL", "FULL", "EXTRA")
 
 _INSERT_FORMULA = (
@@ -207,7 +232,8 @@ _INSERT_MESSAGE = (
     "INSERT INTO messages (message_id, formula_id, deliveries, dead) VALUES (?, ?, 0, 0)"
 )
 _INSERT_KEY = (
-    "INSERT INTO keys (key, body_digest, expires_at, formula_id, duplicate) VALUES (?, ?, ?, ?, ?)"
+    "INSERT INTO keys (key, body_digest, expires_at, formula_id, duplicate, owner)"
+    " VALUES (?, ?, ?, ?, ?, ?)"
 )
 _COUNT_MESSAGE = "UPDATE messages SET deliveries = ? WHERE message_id = ?"
 _COUNT_FORMULA = "UPDATE formulas SET deliveries = ? WHERE id = ?"
@@ -224,6 +250,11 @@ _REDRIVE = (
     " WHERE message_id = ?"
 )
 _FORGET_KEYS = "DELETE FROM keys WHERE expires_at <= ?"
+_INSERT_API_KEY = (
+    "INSERT INTO api_keys (id, name, scopes, secret_digest, created_at, revoked_at)"
+    " VALUES (?, ?, ?, ?, ?, ?)"
+)
+_REVOKE_API_KEY = "UPDATE api_keys SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL"
 
 
 # -- the SQLite journal ---------------------------------------------------------------
@@ -239,7 +270,7 @@ class SqliteJournal:
     JournalError, and the file is left as it was.
     """
 
-    SCHEMA_VERSION = 2
+    SCHEMA_VERSION = 3
 
     def __init__(
         self, path: str | Path, *, synchronous: str = "FULL", lock_timeout: float = 2.0
@@ -299,7 +330,10 @@ class SqliteJournal:
                 f"{self.path} is an SQLite database of another program, not a "
                 "Formulary journal; point FORMULARY_DATA at another file"
             )
-        missing = _TABLES - tables
+        expected = _TABLES.union(
+            *(names for since, names in _TABLES_SINCE.items() if version >= since)
+        )
+        missing = expected - tables
         if version and missing:
             raise JournalError(
                 f"the journal {self.path} says schema {version} but lacks tables "
@@ -413,10 +447,17 @@ class SqliteJournal:
             formulas, fingerprints = _load_formulas(conn)
             messages = _load_messages(conn, fingerprints)
             keys = [
-                Remembered(key, digest, formula_id, bool(duplicate), expires_at)
-                for key, digest, expires_at, formula_id, duplicate in conn.execute(
-                    "SELECT key, body_digest, expires_at, formula_id, duplicate"
+                Remembered(key, digest, formula_id, bool(duplicate), expires_at, owner)
+                for key, digest, expires_at, formula_id, duplicate, owner in conn.execute(
+                    "SELECT key, body_digest, expires_at, formula_id, duplicate, owner"
                     " FROM keys ORDER BY seq"
+                )
+            ]
+            api_keys = [
+                ApiKeyRecord(key_id, name, _split_scopes(scopes), digest, created_at, revoked_at)
+                for key_id, name, scopes, digest, created_at, revoked_at in conn.execute(
+                    "SELECT id, name, scopes, secret_digest, created_at, revoked_at"
+                    " FROM api_keys ORDER BY rowid"
                 )
             ]
         except sqlite3.Error as exc:
@@ -429,7 +470,7 @@ class SqliteJournal:
         finally:
             if collecting:
                 gc.enable()
-        return Recovered(formulas, messages, keys)
+        return Recovered(formulas, messages, keys, api_keys)
 
 
 def _load_formulas(conn: sqlite3.Connection) -> tuple[list[FormulaRecord], dict[str, str]]:
@@ -513,7 +554,7 @@ def _plan_store(run: list[Any]) -> list[_Step]:
 
 def _plan_remember(run: list[Any]) -> list[_Step]:
     keys: list[Remembered] = [change.remembered for change in run]
-    rows = [(k.key, k.body_digest, k.expires_at, k.formula_id, k.duplicate) for k in keys]
+    rows = [(k.key, k.body_digest, k.expires_at, k.formula_id, k.duplicate, k.owner) for k in keys]
     return [(_INSERT_KEY, rows)]
 
 
@@ -548,6 +589,31 @@ def _plan_forget(run: list[Any]) -> list[_Step]:
     return [(_FORGET_KEYS, [(f.before,) for f in forgets])]
 
 
+def _plan_create_api_key(run: list[Any]) -> list[_Step]:
+    records: list[ApiKeyRecord] = [change.record for change in run]
+    rows = [
+        (
+            r.key_id,
+            r.name,
+            ",".join(r.scopes),
+            r.secret_digest,
+            r.created_at,
+            r.revoked_at,
+        )
+        for r in records
+    ]
+    return [(_INSERT_API_KEY, rows)]
+
+
+def _plan_revoke_api_key(run: list[Any]) -> list[_Step]:
+    revokes: list[RevokeApiKey] = run
+    return [(_REVOKE_API_KEY, [(r.revoked_at, r.key_id) for r in revokes])]
+
+
+def _split_scopes(text: str) -> tuple[str, ...]:
+    return tuple(text.split(",")) if text else ()
+
+
 _PLANS: dict[type, Callable[[list[Any]], list[_Step]]] = {
     StoreFormula: _plan_store,
     RememberKey: _plan_remember,
@@ -557,6 +623,8 @@ _PLANS: dict[type, Callable[[list[Any]], list[_Step]]] = {
     BuryMessage: _plan_by_message(_BURY),
     RedriveMessage: _plan_by_message(_REDRIVE),
     ForgetKeys: _plan_forget,
+    CreateApiKey: _plan_create_api_key,
+    RevokeApiKey: _plan_revoke_api_key,
 }
 
 

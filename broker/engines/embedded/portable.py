@@ -11,13 +11,14 @@ Filling, in the order the change records allow:
 1. every formula (``StoreFormula``, which also writes its message, fresh),
    and ``DeleteMessage`` for the processed ones (their message was acked
    when the result was recorded);
-2. every idempotency key (``RememberKey``);
+2. every idempotency key (``RememberKey``), with its owner;
 3. every message, in the source's order, moved to the back of the queue
    (``RedriveMessage`` for a live one, ``BuryMessage`` for a dead letter),
    then given its delivery count (``CountDelivery``); a recovering broker
    reads messages in that order, so the queue order is the source's;
 4. ``DeleteMessage`` for the unprocessed formulas that had no message left
-   (acked without a result).
+   (acked without a result);
+5. every API key (``CreateApiKey``, revoked already if it was).
 
 Between steps 1 and 4 the unprocessed formulas' message ids are kept in
 memory (nothing is kept for a processed formula).
@@ -31,10 +32,12 @@ from pathlib import Path
 from typing import TypeVar
 
 from broker.engines import EngineError
+from broker.engines.embedded.apikeys import ApiKeyRecord
 from broker.engines.embedded.changes import (
     BuryMessage,
     Change,
     CountDelivery,
+    CreateApiKey,
     DeleteMessage,
     Recovered,
     RedriveMessage,
@@ -45,6 +48,7 @@ from broker.engines.embedded.idempotency import Remembered
 from broker.engines.embedded.journal import SqliteJournal
 from broker.engines.embedded.store import FormulaRecord
 from broker.engines.portable import (
+    ApiKeyState,
     FormulaState,
     Holdings,
     KeyState,
@@ -100,6 +104,7 @@ class EmbeddedPortable:
             expired_keys=len(state.keys) - alive,
             messages=len(state.messages),
             dead=sum(message.dead for message in state.messages),
+            api_keys=len(state.api_keys),
         )
 
     def formulas(self, batch: int) -> Iterator[list[FormulaState]]:
@@ -122,7 +127,7 @@ class EmbeddedPortable:
     def keys(self, batch: int) -> Iterator[list[KeyState]]:
         for chunk in _chunks(self._alive_keys(), batch):
             yield [
-                KeyState(k.key, k.body_digest, k.formula_id, k.duplicate, k.expires_at)
+                KeyState(k.key, k.body_digest, k.formula_id, k.duplicate, k.expires_at, k.owner)
                 for k in chunk
             ]
 
@@ -133,9 +138,16 @@ class EmbeddedPortable:
                 for m in chunk
             ]
 
+    def api_keys(self, batch: int) -> Iterator[list[ApiKeyState]]:
+        for chunk in _chunks(self._state().api_keys, batch):
+            yield [
+                ApiKeyState(k.key_id, k.name, k.scopes, k.secret_digest, k.created_at, k.revoked_at)
+                for k in chunk
+            ]
+
     def _alive_keys(self) -> list[Remembered]:
         """Keys not yet expired, oldest first; a key recorded again after it expired, once."""
-        alive = {k.key: k for k in self._state().keys if k.expires_at > self._now}
+        alive = {(k.owner, k.key): k for k in self._state().keys if k.expires_at > self._now}
         return list(alive.values())
 
     # -- filling -------------------------------------------------------------------------
@@ -145,6 +157,7 @@ class EmbeddedPortable:
         formulas: Iterable[Sequence[FormulaState]],
         keys: Iterable[Sequence[KeyState]],
         messages: Iterable[Sequence[MessageState]],
+        api_keys: Iterable[Sequence[ApiKeyState]],
     ) -> None:
         # The file has been held exclusively since it was opened: nobody
         # can write between this check and the transaction.
@@ -152,13 +165,14 @@ class EmbeddedPortable:
         if not found.empty:
             raise TargetNotEmpty(self.where, found)
         self._recovered = None
-        self._journal.write_batches(_changes(formulas, keys, messages))
+        self._journal.write_batches(_changes(formulas, keys, messages, api_keys))
 
 
 def _changes(
     formulas: Iterable[Sequence[FormulaState]],
     keys: Iterable[Sequence[KeyState]],
     messages: Iterable[Sequence[MessageState]],
+    api_keys: Iterable[Sequence[ApiKeyState]],
 ) -> Iterator[list[Change]]:
     """The journal changes that make the copy, one batch of records at a time."""
     # Formulas not processed yet, by message id: their message may still be
@@ -187,7 +201,9 @@ def _changes(
         yield stored + acked
     for key_batch in keys:
         yield [
-            RememberKey(Remembered(k.key, k.body_digest, k.formula_id, k.duplicate, k.expires_at))
+            RememberKey(
+                Remembered(k.key, k.body_digest, k.formula_id, k.duplicate, k.expires_at, k.owner)
+            )
             for k in key_batch
         ]
     for message_batch in messages:
@@ -210,6 +226,20 @@ def _changes(
     # Formulas whose message was acked without a result.
     for chunk in _chunks(list(unprocessed), 5_000):
         yield [DeleteMessage(message_id) for message_id in chunk]
+    for api_key_batch in api_keys:
+        yield [
+            CreateApiKey(
+                ApiKeyRecord(
+                    k.key_id,
+                    k.name,
+                    tuple(k.scopes),
+                    k.secret_digest,
+                    k.created_at,
+                    k.revoked_at,
+                )
+            )
+            for k in api_key_batch
+        ]
 
 
 def _unpack(packed: str) -> tuple[tuple[str, str], ...]:

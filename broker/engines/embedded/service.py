@@ -18,6 +18,11 @@ Durability: every change is written to the journal within the same call.
   change: a failed write there can only leave a count on disk lower than in
   memory, and a restart makes every unacknowledged message visible again
   anyway.
+- An API key made or revoked is journalled, then applied, as a result is.
+
+Two calls keep off the lock: ``rate_limit``, whose token buckets
+(``shared.TokenBuckets``) have a lock of their own, and the argument checks
+of ``create_key``.
 
 ``receive`` long-polls on a condition variable tied to the lock: the waiting
 thread sleeps until a publish, nack or redrive notifies it, or until the
@@ -37,23 +42,28 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import fields, replace
 from typing import Any
 
+from broker.apikeys import digest, new_key_id, new_secret, parse_name, parse_scopes
 from broker.engines.embedded.admission import Admission
+from broker.engines.embedded.apikeys import ApiKeyRecord, ApiKeys
 from broker.engines.embedded.changes import (
     BuryMessage,
     Change,
     CountDelivery,
+    CreateApiKey,
     DeleteMessage,
     ForgetKeys,
     RecordResult,
     Recovered,
     RedriveMessage,
+    RevokeApiKey,
 )
 from broker.engines.embedded.idempotency import IdempotencyKeys
 from broker.engines.embedded.journal import Journal, MemoryJournal
 from broker.engines.embedded.queue import DeadLettered, MessageQueue, Redriven
 from broker.engines.embedded.store import FormulaRecord, FormulaStore, view
-from broker.engines.shared import new_id, pack_summary
+from broker.engines.shared import TokenBuckets, new_id, pack_summary
 from broker.errors import (
+    ApiKeyNotFound,
     FormulaNotFound,
     InvalidSummary,
     MessageNotFound,
@@ -71,12 +81,14 @@ from broker.interface import (
     PROCESSED,
     QUEUED,
     STALE,
+    ApiKey,
     BrokerStats,
     Delivery,
     FormulaPage,
     FormulaView,
     IdempotencyKey,
     MessageInfo,
+    NewApiKey,
     Submission,
     SubmitOutcome,
     SubmitRequest,
@@ -99,6 +111,7 @@ class EmbeddedBroker:
         visibility_timeout: float = 30.0,
         max_deliveries: int = 5,
         idempotency_ttl: float = 24 * 3600.0,
+        rate_limit: float | None = None,
         clock: Clock = time.monotonic,
         wall_clock: Clock = time.time,
         new_id: Callable[[], str] = new_id,
@@ -111,6 +124,8 @@ class EmbeddedBroker:
         self._new_id = new_id
         self._store = FormulaStore()
         self._keys = IdempotencyKeys(idempotency_ttl)
+        self._api_keys = ApiKeys()
+        self._buckets = None if rate_limit is None else TokenBuckets(rate_limit, clock)
         self._queue = queue or MessageQueue(
             capacity=queue_capacity,
             visibility_timeout=visibility_timeout,
@@ -134,6 +149,14 @@ class EmbeddedBroker:
 
     def ping(self) -> bool:
         return True
+
+    def authenticate(self, key_id: str, secret_digest: str) -> ApiKey | None:
+        with self._lock:
+            record = self._api_keys.check(key_id, secret_digest)
+            return None if record is None else record.view()
+
+    def rate_limit(self, key_id: str) -> float:
+        return 0.0 if self._buckets is None else self._buckets.spend(key_id)
 
     def submit(self, draft: FormulaDraft, idempotency: IdempotencyKey | None = None) -> Submission:
         [outcome] = self.submit_many([(draft, idempotency)])
@@ -361,6 +384,35 @@ class EmbeddedBroker:
                 return info
             return replace(info, visible_at=self._to_wall(info.visible_at))
 
+    def create_key(self, name: str, scopes: Sequence[str]) -> NewApiKey:
+        name, chosen = parse_name(name), parse_scopes(scopes)
+        with self._lock:
+            key_id = new_key_id()
+            while self._api_keys.get(key_id) is not None:
+                key_id = new_key_id()
+            secret = new_secret(key_id)
+            record = ApiKeyRecord(key_id, name, chosen, digest(secret), self._wall_clock())
+            self._write([CreateApiKey(record)])
+            self._api_keys.put(record)
+        log.info("made API key %s (%r) with scopes %s", key_id, name, ",".join(chosen))
+        return NewApiKey(record.view(), secret)
+
+    def list_keys(self) -> list[ApiKey]:
+        with self._lock:
+            return [record.view() for record in self._api_keys.all()]
+
+    def revoke_key(self, key_id: str) -> None:
+        with self._lock:
+            record = self._api_keys.get(key_id)
+            if record is None:
+                raise ApiKeyNotFound(key_id)
+            if record.revoked_at is not None:
+                return  # revoked before: it keeps its first time
+            now = self._wall_clock()
+            self._write([RevokeApiKey(key_id, now)])
+            self._api_keys.put(replace(record, revoked_at=now))
+        log.info("revoked API key %s", key_id)
+
     # -- internals ---------------------------------------------------------------------
 
     def _write(self, changes: list[Change], now: float | None = None) -> None:
@@ -443,13 +495,17 @@ class EmbeddedBroker:
             )
         for remembered in recovered.keys:
             self._keys.restore(remembered)
+        for api_key in recovered.api_keys:
+            self._api_keys.put(api_key)
         self._keys_expired = self._keys.expire(self._wall_clock()) > 0
         if buried:
             self._journal.write(buried)
-        if recovered.formulas or recovered.messages:
+        if recovered.formulas or recovered.messages or recovered.api_keys:
             log.info(
-                "recovered %d formulas, %d unacknowledged messages, %d idempotency keys",
+                "recovered %d formulas, %d unacknowledged messages, %d idempotency keys, "
+                "%d API keys",
                 len(recovered.formulas),
                 len(recovered.messages),
                 len(recovered.keys),
+                len(recovered.api_keys),
             )

@@ -93,6 +93,7 @@ def open_postgres(settings: Settings) -> Any:
         visibility_timeout=settings.visibility_timeout,
         max_deliveries=settings.max_deliveries,
         idempotency_ttl=settings.idempotency_ttl,
+        rate_limit=settings.rate_limit,
     )
     log.info("engine: PostgreSQL at %s (schema was version %d)", where, found)
     return broker

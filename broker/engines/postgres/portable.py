@@ -8,8 +8,8 @@ a time. The source's schema is only read: it must be this Formulary's.
 
 Filling runs the schema migration first (as a starting broker does), then
 one transaction: lock the tables, check that they are empty, ``COPY`` the
-formulas, the keys and the messages in, give the dead letters their times,
-and set the counters. Every live message is ready at once, its delivery
+formulas, the idempotency keys, the messages and the API keys in, give the
+dead letters their times, and set the counters. Every live message is ready at once, its delivery
 count kept; fresh messages and redeliveries keep their source order.
 
 The statements are in ``sql/portable.sql``.
@@ -28,6 +28,7 @@ import psycopg
 
 from broker.engines import EngineError
 from broker.engines.portable import (
+    ApiKeyState,
     FormulaState,
     Holdings,
     KeyState,
@@ -158,6 +159,13 @@ class PostgresPortable:
         for rows in self._stream("export_messages", batch):
             yield [MessageState(*row) for row in rows]
 
+    def api_keys(self, batch: int) -> Iterator[list[ApiKeyState]]:
+        for rows in self._stream("export_api_keys", batch):
+            yield [
+                ApiKeyState(key_id, name, tuple(scopes), digest, created_at, revoked_at)
+                for key_id, name, scopes, digest, created_at, revoked_at in rows
+            ]
+
     def _stream(self, name: str, batch: int) -> Iterator[list[tuple[Any, ...]]]:
         """The rows of query ``name``, ``batch`` at a time, through a server-side cursor."""
         try:
@@ -175,6 +183,7 @@ class PostgresPortable:
         formulas: Iterable[Sequence[FormulaState]],
         keys: Iterable[Sequence[KeyState]],
         messages: Iterable[Sequence[MessageState]],
+        api_keys: Iterable[Sequence[ApiKeyState]],
     ) -> None:
         connection = self._connection
         try:
@@ -190,7 +199,14 @@ class PostgresPortable:
                     cursor,
                     "import_keys",
                     (
-                        (k.key, k.body_digest, k.formula_id, k.duplicate, _moment(k.expires_at))
+                        (
+                            k.owner,
+                            k.key,
+                            k.body_digest,
+                            k.formula_id,
+                            k.duplicate,
+                            _moment(k.expires_at),
+                        )
                         for batch in keys
                         for k in batch
                     ),
@@ -210,6 +226,22 @@ class PostgresPortable:
                         )
                         for batch in messages
                         for m in batch
+                    ),
+                )
+                _copy(
+                    cursor,
+                    "import_api_keys",
+                    (
+                        (
+                            k.key_id,
+                            k.name,
+                            list(k.scopes),
+                            k.secret_digest,
+                            _moment(k.created_at),
+                            None if k.revoked_at is None else _moment(k.revoked_at),
+                        )
+                        for batch in api_keys
+                        for k in batch
                     ),
                 )
                 cursor.execute(query("import_dead_letter_times"))
@@ -244,9 +276,14 @@ def _copy(cursor: psycopg.Cursor[tuple[Any, ...]], name: str, rows: Iterable[Any
 def _holdings(cursor: psycopg.Cursor[tuple[Any, ...]]) -> Holdings:
     row = cursor.execute(query("holdings")).fetchone()
     assert row is not None
-    formulas, keys, expired_keys, messages, dead = row
+    formulas, keys, expired_keys, messages, dead, api_keys = row
     return Holdings(
-        formulas=formulas, keys=keys, expired_keys=expired_keys, messages=messages, dead=dead
+        formulas=formulas,
+        keys=keys,
+        expired_keys=expired_keys,
+        messages=messages,
+        dead=dead,
+        api_keys=api_keys,
     )
 
 

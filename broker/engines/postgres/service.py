@@ -7,9 +7,15 @@ each atomic step is one transaction (its logic in the SQL functions of
 brokers on many hosts serve one system whatever their own clocks say.
 
 What this process keeps for itself: a small connection pool, the listening
-connection that wakes long polls (``wakeups``), and the counters of
+connection that wakes long polls (``wakeups``), the counters of
 ``BrokerStats`` (totals of what *this* broker did since it started; the
-gauges are the whole system's).
+gauges are the whole system's), and the token buckets of
+``FORMULARY_RATE_LIMIT``: each broker limits the calls that reach it, so
+across hosts a key may make up to the limit on each host.
+
+API keys live in the database like the rest; ``authenticate`` reads the key
+on every call, so a revocation made through any host's admin socket holds
+on every host from its commit on.
 
 Errors: a database that cannot be reached is ``BrokerUnavailable`` (the API
 answers 503 with Retry-After; workers back off and retry); any other
@@ -35,10 +41,18 @@ import psycopg
 import simplejson
 from psycopg_pool import ConnectionPool, PoolTimeout
 
+from broker.apikeys import digest, matches, new_key_id, new_secret, parse_name, parse_scopes
 from broker.engines.postgres.sql import query
 from broker.engines.postgres.wakeups import Wakeups
-from broker.engines.shared import decode_cursor, encode_cursor, new_id, pack_summary
+from broker.engines.shared import (
+    TokenBuckets,
+    decode_cursor,
+    encode_cursor,
+    new_id,
+    pack_summary,
+)
 from broker.errors import (
+    ApiKeyNotFound,
     BrokerUnavailable,
     DuplicateFormula,
     FormulaNotFound,
@@ -57,12 +71,14 @@ from broker.interface import (
     MAX_PAGE,
     QUEUED,
     STALE,
+    ApiKey,
     BrokerStats,
     Delivery,
     FormulaPage,
     FormulaView,
     IdempotencyKey,
     MessageInfo,
+    NewApiKey,
     Submission,
     SubmitOutcome,
     SubmitRequest,
@@ -90,6 +106,7 @@ class PostgresBroker:
         visibility_timeout: float = 30.0,
         max_deliveries: int = 5,
         idempotency_ttl: float = 24 * 3600.0,
+        rate_limit: float | None = None,
         new_id: Callable[[], str] = new_id,
     ) -> None:
         self._pool = pool
@@ -102,6 +119,7 @@ class PostgresBroker:
         self._totals: Counter[str] = Counter()
         self._totals_lock = threading.Lock()
         self._last_sweep = 0.0
+        self._buckets = None if rate_limit is None else TokenBuckets(rate_limit)
 
     def close(self) -> None:
         """Stop listening and close the pool (the broker process calls it on exit)."""
@@ -114,6 +132,18 @@ class PostgresBroker:
         with self._transaction() as connection:
             connection.execute(query("ping"))
         return True
+
+    def authenticate(self, key_id: str, secret_digest: str) -> ApiKey | None:
+        if not _is_text(key_id) or not _is_text(secret_digest) or not secret_digest.isascii():
+            return None
+        with self._transaction() as connection:
+            row = connection.execute(query("api_key"), {"key_id": key_id}).fetchone()
+        if row is None or row[5] is not None or not matches(row[3], secret_digest):
+            return None
+        return _api_key(row)
+
+    def rate_limit(self, key_id: str) -> float:
+        return 0.0 if self._buckets is None else self._buckets.spend(key_id)
 
     def submit(self, draft: FormulaDraft, idempotency: IdempotencyKey | None = None) -> Submission:
         [outcome] = self.submit_many([(draft, idempotency)])
@@ -149,6 +179,7 @@ class PostgresBroker:
                 cursor.execute(
                     query("submit"),
                     {
+                        "owner": "" if idempotency is None else idempotency.owner,
                         "key": None if idempotency is None else idempotency.key,
                         "body_digest": None if idempotency is None else idempotency.body_digest,
                         "key_ttl": self._idempotency_ttl,
@@ -448,6 +479,40 @@ class PostgresBroker:
             self._wakeups.bump()
         return count
 
+    def create_key(self, name: str, scopes: Sequence[str]) -> NewApiKey:
+        name, chosen = parse_name(name), parse_scopes(scopes)
+        row = None
+        with self._transaction() as connection:
+            while row is None:  # an id already taken gives no row: draw another
+                key_id = new_key_id()
+                secret = new_secret(key_id)
+                row = connection.execute(
+                    query("create_api_key"),
+                    {
+                        "key_id": key_id,
+                        "name": name,
+                        "scopes": list(chosen),
+                        "secret_digest": digest(secret),
+                    },
+                ).fetchone()
+        log.info("made API key %s (%r) with scopes %s", key_id, name, ",".join(chosen))
+        key = ApiKey(key_id, name, chosen, rfc3339(row[0]), None)
+        return NewApiKey(key, secret)
+
+    def list_keys(self) -> list[ApiKey]:
+        with self._transaction() as connection:
+            rows = connection.execute(query("api_keys")).fetchall()
+        return [_api_key(row) for row in rows]
+
+    def revoke_key(self, key_id: str) -> None:
+        if not _is_text(key_id):
+            raise ApiKeyNotFound(key_id)
+        with self._transaction() as connection:
+            row = connection.execute(query("revoke_api_key"), {"key_id": key_id}).fetchone()
+        if row is None:
+            raise ApiKeyNotFound(key_id)
+        log.info("revoked API key %s", key_id)
+
     # -- housekeeping ------------------------------------------------------------------
 
     def sweep(self) -> None:
@@ -539,6 +604,22 @@ def _parse_receipt(receipt: object) -> tuple[str, str] | None:
     if not separator or not message_id or not token:
         return None
     return message_id, token
+
+
+def _is_text(value: object) -> bool:
+    # Ids and digests cross the manager from a client; PostgreSQL text holds no NUL.
+    return isinstance(value, str) and "\0" not in value
+
+
+def _api_key(row: Sequence[Any]) -> ApiKey:
+    key_id, name, scopes, _, created_at, revoked_at = row
+    return ApiKey(
+        id=key_id,
+        name=name,
+        scopes=tuple(scopes),
+        created_at=rfc3339(created_at),
+        revoked_at=None if revoked_at is None else rfc3339(revoked_at),
+    )
 
 
 def pack_materials(materials: Sequence[Material]) -> str:

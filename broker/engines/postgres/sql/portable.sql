@@ -13,12 +13,13 @@ SELECT CASE WHEN to_regclass('formulary.schema_version') IS NOT NULL
 
 -- name: holdings
 -- What the database holds: formulas, idempotency keys alive and expired,
--- messages (live and dead), dead letters.
+-- messages (live and dead), dead letters, API keys (revoked ones included).
 SELECT (SELECT count(*) FROM formulary.formulas),
        (SELECT count(*) FROM formulary.idempotency_keys k WHERE k.expires_at > now()),
        (SELECT count(*) FROM formulary.idempotency_keys k WHERE k.expires_at <= now()),
        (SELECT count(*) FROM formulary.messages),
-       (SELECT count(*) FROM formulary.messages m WHERE m.state = 'dead');
+       (SELECT count(*) FROM formulary.messages m WHERE m.state = 'dead'),
+       (SELECT count(*) FROM formulary.api_keys);
 
 -- name: export_formulas
 -- Oldest first: the listing order, which the target's own order must follow.
@@ -31,12 +32,14 @@ SELECT f.id, f.name, f.materials::text, f.fingerprint, f.message_id,
  ORDER BY f.seq;
 
 -- name: export_keys
--- Only keys still alive, in the order they expire.
+-- Only keys still alive, in the order they expire; each with its owner (the
+-- API key that sent it, '' for none).
 SELECT k.key, k.body_digest, k.formula_id, k.duplicate,
-       extract(epoch FROM k.expires_at)::double precision
+       extract(epoch FROM k.expires_at)::double precision,
+       k.owner
   FROM formulary.idempotency_keys k
  WHERE k.expires_at > now()
- ORDER BY k.expires_at, k.key;
+ ORDER BY k.expires_at, k.owner, k.key;
 
 -- name: export_messages
 -- Live messages first: redeliveries in the order they become visible (a
@@ -50,6 +53,14 @@ SELECT m.id, m.formula_id, m.fingerprint, m.deliveries, m.state = 'dead'
           m.dead_at,
           m.seq;
 
+-- name: export_api_keys
+-- Every API key, revoked or not, oldest first: digests of secrets, never secrets.
+SELECT a.id, a.name, a.scopes, a.secret_digest,
+       extract(epoch FROM a.created_at)::double precision,
+       extract(epoch FROM a.revoked_at)::double precision
+  FROM formulary.api_keys a
+ ORDER BY a.created_at, a.id;
+
 -- name: import_without_timeout
 -- A million rows take longer than any broker call is allowed to.
 SET LOCAL statement_timeout = 0;
@@ -60,7 +71,7 @@ SET LOCAL lock_timeout = '10s';
 -- name: import_lock
 -- Nobody writes while the copy checks that the database is empty and fills it.
 LOCK TABLE formulary.formulas, formulary.messages, formulary.idempotency_keys,
-           formulary.counters IN EXCLUSIVE MODE;
+           formulary.counters, formulary.api_keys IN EXCLUSIVE MODE;
 
 -- name: import_time
 SELECT now();
@@ -71,12 +82,16 @@ COPY formulary.formulas (id, name, materials, fingerprint, message_id, created_a
                          deliveries, processed_at, summary) FROM STDIN;
 
 -- name: import_keys
-COPY formulary.idempotency_keys (key, body_digest, formula_id, duplicate, expires_at) FROM STDIN;
+COPY formulary.idempotency_keys (owner, key, body_digest, formula_id, duplicate, expires_at)
+FROM STDIN;
 
 -- name: import_messages
 -- Every live message ready now; "seq" (the default) follows the rows' order.
 COPY formulary.messages (id, formula_id, fingerprint, state, visible_at, deliveries, dead_at)
 FROM STDIN;
+
+-- name: import_api_keys
+COPY formulary.api_keys (id, name, scopes, secret_digest, created_at, revoked_at) FROM STDIN;
 
 -- name: import_dead_letter_times
 -- Dead letters are listed by dead_at, then seq: give the copied ones distinct

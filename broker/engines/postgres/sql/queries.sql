@@ -16,8 +16,9 @@ SELECT pg_notify('formulary_messages', '');
 
 -- name: submit
 SELECT outcome, formula_id, name, materials, fingerprint, message_id, created_at
-  FROM formulary.submit(%(key)s, %(body_digest)s, %(key_ttl)s, %(formula_id)s, %(name)s,
-                        %(materials)s::jsonb, %(fingerprint)s, %(message_id)s, %(capacity)s);
+  FROM formulary.submit(%(owner)s, %(key)s, %(body_digest)s, %(key_ttl)s, %(formula_id)s,
+                        %(name)s, %(materials)s::jsonb, %(fingerprint)s, %(message_id)s,
+                        %(capacity)s);
 
 -- name: formulas_by_id
 SELECT f.id, f.name, f.materials, f.fingerprint, f.message_id,
@@ -121,7 +122,36 @@ SELECT (SELECT coalesce(sum(c.formulas), 0) FROM formulary.counters c)::bigint,
 -- keeps the table small). Several brokers may sweep at once: each skips what
 -- another holds.
 DELETE FROM formulary.idempotency_keys k
- WHERE k.key IN (SELECT k2.key FROM formulary.idempotency_keys k2
-                  WHERE k2.expires_at <= now()
-                  LIMIT 1000
-                    FOR UPDATE SKIP LOCKED);
+ WHERE (k.owner, k.key) IN (SELECT k2.owner, k2.key FROM formulary.idempotency_keys k2
+                             WHERE k2.expires_at <= now()
+                             LIMIT 1000
+                               FOR UPDATE SKIP LOCKED);
+
+-- name: api_key
+-- One key, read afresh on every call: a revocation on any host counts at once.
+SELECT a.id, a.name, a.scopes, a.secret_digest,
+       extract(epoch FROM a.created_at)::double precision,
+       extract(epoch FROM a.revoked_at)::double precision
+  FROM formulary.api_keys a
+ WHERE a.id = %(key_id)s;
+
+-- name: api_keys
+SELECT a.id, a.name, a.scopes, a.secret_digest,
+       extract(epoch FROM a.created_at)::double precision,
+       extract(epoch FROM a.revoked_at)::double precision
+  FROM formulary.api_keys a
+ ORDER BY a.created_at, a.id;
+
+-- name: create_api_key
+-- No row back if the id is taken (the broker draws another).
+INSERT INTO formulary.api_keys (id, name, scopes, secret_digest)
+VALUES (%(key_id)s, %(name)s, %(scopes)s, %(secret_digest)s)
+ON CONFLICT (id) DO NOTHING
+RETURNING extract(epoch FROM created_at)::double precision;
+
+-- name: revoke_api_key
+-- No row back for an unknown key; a key revoked before keeps its first time.
+UPDATE formulary.api_keys a
+   SET revoked_at = coalesce(a.revoked_at, clock_timestamp())
+ WHERE a.id = %(key_id)s
+RETURNING a.revoked_at;
