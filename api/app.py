@@ -5,6 +5,7 @@ from __future__ import annotations
 import falcon
 
 from api import problems
+from api.auth import AnswerCache, Authenticate
 from api.connections import CloseUnread, WSGIApp, honour_connection_close
 from api.formulas import FormulaResource, FormulasResource
 from api.health import HealthResource
@@ -17,10 +18,19 @@ from broker.settings import Settings, configure_logging
 
 
 def create_app(
-    broker: SubmissionBroker, *, read_timeout: float = Settings.read_timeout
+    broker: SubmissionBroker, settings: Settings, *, auth_cache: AnswerCache | None = None
 ) -> falcon.App[falcon.Request, falcon.Response]:
+    """The app on ``broker``; ``settings`` gives the read timeout, auth mode and rate limit.
+
+    ``auth_cache`` replaces the default cache of ``authenticate`` answers (tests
+    pass one with their own clock).
+    """
     app = falcon.App(middleware=(RequestLog(), CloseUnread()))
-    app.add_route("/formulas", FormulasResource(broker, read_timeout))
+    if settings.auth_required:
+        # After RequestLog, whose process_response then logs and counts a refusal.
+        rate_limited = settings.rate_limit is not None
+        app.add_middleware(Authenticate(broker, rate_limited=rate_limited, cache=auth_cache))
+    app.add_route("/formulas", FormulasResource(broker, settings.read_timeout))
     app.add_route("/formulas/{formula_id}", FormulaResource(broker))
     app.add_route("/health", HealthResource(broker))
     app.add_route("/metrics", MetricsResource(broker))
@@ -35,5 +45,5 @@ def get_app(settings: Settings | None = None) -> WSGIApp:
     # Our loggers (api.access, broker.client...) go to stderr at the configured
     # level; gunicorn's own loggers keep their handlers.
     configure_logging(settings)
-    app = create_app(BrokerClient(settings), read_timeout=settings.read_timeout)
+    app = create_app(BrokerClient(settings), settings)
     return honour_connection_close(app)

@@ -7,6 +7,7 @@ import hashlib
 import falcon
 
 from api import connections
+from api.auth import caller
 from api.problems import Problem, invalid
 from api.representation import dumps, formula_location
 from broker.errors import FieldError
@@ -36,7 +37,8 @@ class FormulasResource:
         idempotency = None
         if key is not None:
             digest = hashlib.sha256(canonical_json(document).encode("utf-8")).hexdigest()
-            idempotency = IdempotencyKey(key, digest)
+            # The key belongs to the API key that sent it (auth off: one shared owner, "").
+            idempotency = IdempotencyKey(key, digest, owner=caller(req))
         submission = self._broker.submit(draft, idempotency)
         resp.status = falcon.HTTP_202
         resp.location = formula_location(submission.formula.id)

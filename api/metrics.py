@@ -28,6 +28,7 @@ from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamil
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
+from api.auth import REFUSALS
 from broker.errors import BrokerUnavailable
 from broker.interface import BrokerStats, SubmissionBroker
 
@@ -55,6 +56,21 @@ REJECTED_BODIES = Counter(
 REJECTION_REASONS = {400: "validation", 413: "body_too_large", 415: "unsupported_media_type"}
 for _reason in REJECTION_REASONS.values():
     REJECTED_BODIES.labels(_reason)  # exported as 0 from the start, not only after one
+AUTH_REFUSED = Counter(
+    "auth_refused",
+    "Requests refused by api.auth, by status (401, 403, 429) and reason: missing (no bearer "
+    "token), malformed, invalid (unknown or revoked key), scope, rate_limited.",
+    ["status", "reason"],
+    namespace=NAMESPACE,
+)
+for _reason, _status in REFUSALS.items():
+    AUTH_REFUSED.labels(str(_status), _reason)
+KEY_REQUESTS = Counter(
+    "api_key_requests",
+    "Requests made with a valid API key, by the key's id (never its secret) and status.",
+    ["key_id", "status"],
+    namespace=NAMESPACE,
+)
 
 
 class BrokerCollector(Collector):

@@ -4,9 +4,15 @@
 is kept, anything else is replaced by a fresh one) and echoes it in the
 response. When the response is ready it writes one ``api.access`` line in
 logfmt (``method=GET path=/formulas route=/formulas status=200
-duration_ms=1.234 request_id=...``) and records the request in the metrics of
-``api.metrics``. Metrics are labelled by route template, never by raw path, so
-their number of series stays bounded whatever clients send.
+duration_ms=1.234 key_id=... request_id=...``) and records the request in the
+metrics of ``api.metrics``. Metrics are labelled by route template, never by
+raw path, so their number of series stays bounded whatever clients send.
+
+With ``FORMULARY_AUTH=required`` the line names the API key by its id
+(``key_id``, once ``api.auth`` has accepted it) or says why ``api.auth``
+refused the request (``refused=missing``...); the secret itself never
+reaches this module. Per-key metrics use only accepted keys' ids, which
+operators create, so those series stay bounded too.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from typing import Any
 import falcon
 
 from api import metrics
+from api.auth import caller, refusal
 
 log = logging.getLogger("api.access")
 
@@ -52,6 +59,11 @@ class RequestLog:
         metrics.HTTP_DURATION.labels(method, route).observe(seconds)
         if (method, route) == _SUBMIT and status in metrics.REJECTION_REASONS:
             metrics.REJECTED_BODIES.labels(metrics.REJECTION_REASONS[status]).inc()
+        key_id, refused = caller(req), refusal(req)
+        if key_id:
+            metrics.KEY_REQUESTS.labels(key_id, str(status)).inc()
+        if refused is not None:
+            metrics.AUTH_REFUSED.labels(str(status), refused).inc()
 
         if log.isEnabledFor(logging.INFO):
             fields: dict[str, Any] = {
@@ -60,8 +72,12 @@ class RequestLog:
                 "route": route,
                 "status": status,
                 "duration_ms": round(seconds * 1000, 3),
-                "request_id": request_id,
             }
+            if key_id:
+                fields["key_id"] = key_id
+            if refused is not None:
+                fields["refused"] = refused
+            fields["request_id"] = request_id
             log.info(logfmt(fields), extra={"access": fields})
 
 

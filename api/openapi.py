@@ -14,6 +14,7 @@ from typing import Any
 
 import falcon
 
+from api.auth import OPEN, REALM, ROUTE_SCOPES
 from api.formulas import DEFAULT_LIMIT, MAX_CURSOR_LENGTH, MAX_KEY_LENGTH, MAX_LIMIT
 from api.middleware import MAX_REQUEST_ID_LENGTH, REQUEST_ID_HEADER
 from api.problems import PROBLEM_JSON
@@ -290,6 +291,11 @@ HEADERS: Document = {
         required=False,
     ),
     "AcceptPost": _header("The media type POST accepts.", {"type": "string", "const": JSON}),
+    "WWWAuthenticate": _header(
+        f'The challenge: Bearer realm="{REALM}", with error="invalid_token" when a token was '
+        'sent, or error="insufficient_scope" and the scope needed (RFC 6750).',
+        {"type": "string", "pattern": "^Bearer "},
+    ),
     "Allow": _header("The methods this path supports.", {"type": "string"}),
 }
 
@@ -347,6 +353,19 @@ RESPONSES: Document = {
     "NotFound": problem("Nothing is at this path (or no formula has this id)."),
     "MethodNotAllowed": problem(
         "Any method a path does not list here; Allow names those it does.", headers=("Allow",)
+    ),
+    "Unauthorized": problem(
+        "No API key, or one that is malformed, unknown or revoked. Nothing was stored.",
+        headers=("WWW-Authenticate",),
+    ),
+    "Forbidden": problem(
+        "The API key does not have the scope this operation needs. Nothing was stored.",
+        headers=("WWW-Authenticate",),
+    ),
+    "TooManyRequests": problem(
+        "The API key is over FORMULARY_RATE_LIMIT. Nothing was stored; retry after "
+        "Retry-After seconds.",
+        headers=("Retry-After",),
     ),
     "Unavailable": problem(
         "The broker cannot be reached, or (POST) the queue is at capacity. "
@@ -438,7 +457,9 @@ PATHS: Document = {
             "summary": "Prometheus metrics of all API workers and of the broker.",
             "description": (
                 "Prometheus text format (OpenMetrics when the Accept header asks for it). "
-                "Answers 200 even when the broker does not, with formulary_broker_up 0."
+                "Answers 200 even when the broker does not, with formulary_broker_up 0 (with "
+                "FORMULARY_AUTH=required, only when the key was checked in the last second: "
+                "otherwise the key cannot be checked, and the answer is 503)."
             ),
             "responses": {
                 "200": {
@@ -448,7 +469,8 @@ PATHS: Document = {
                         "text/plain": {"schema": {"type": "string"}},
                         "application/openmetrics-text": {"schema": {"type": "string"}},
                     },
-                }
+                },
+                "503": ref("responses", "Unavailable"),
             },
         },
     },
@@ -463,6 +485,44 @@ PATHS: Document = {
 }
 
 
+SECURITY_SCHEMES: Document = {
+    "apiKey": {
+        "type": "http",
+        "scheme": "bearer",
+        "description": (
+            "An API key's secret (fmk.<key id>.<random>), made on the broker's admin socket "
+            "with `key create NAME [SCOPE,...]`. Each operation lists the scope it needs "
+            "(submit, read or metrics). Not needed with FORMULARY_AUTH=off."
+        ),
+    }
+}
+
+
+def secured(paths: Document) -> Document:
+    """``paths`` with each operation's security: the scope it needs and its 401/403/429."""
+    result: Document = {}
+    for path, item in paths.items():
+        result[path] = dict(item)
+        for method, operation in item.items():
+            if method == "parameters":
+                continue
+            if (method.upper(), path) in OPEN:
+                result[path][method] = {**operation, "security": []}
+                continue
+            scope = ROUTE_SCOPES[(method.upper(), path)]
+            result[path][method] = {
+                **operation,
+                "security": [{"apiKey": [scope]}],
+                "responses": {
+                    **operation["responses"],
+                    "401": ref("responses", "Unauthorized"),
+                    "403": ref("responses", "Forbidden"),
+                    "429": ref("responses", "TooManyRequests"),
+                },
+            }
+    return result
+
+
 def document() -> Document:
     """The whole OpenAPI 3.1 document, as plain data."""
     return {
@@ -475,11 +535,14 @@ def document() -> Document:
                 "to background workers once. Errors are RFC 9457 problem details. An unknown "
                 "path is 404 (components/responses/NotFound); a method a path does not list "
                 "is 405 with Allow (components/responses/MethodNotAllowed). Every response "
-                "carries X-Request-Id."
+                "carries X-Request-Id. With FORMULARY_AUTH=required (the default) every "
+                "operation but health and openapi needs an API key as a bearer token; without "
+                "one, any other request, to any path, is 401."
             ),
         },
-        "paths": PATHS,
+        "paths": secured(PATHS),
         "components": {
+            "securitySchemes": SECURITY_SCHEMES,
             "schemas": SCHEMAS,
             "parameters": PARAMETERS,
             "headers": HEADERS,

@@ -2,6 +2,13 @@
 
 Nothing here sleeps hoping something happened: ``wait_for`` polls a condition
 until a deadline and fails loudly with what it was waiting for.
+
+API keys. The processes run with ``FORMULARY_AUTH=required`` unless the
+environment says ``FORMULARY_TEST_AUTH=off`` (``./scripts/test`` runs the
+HTTP-facing modules both ways). Under ``required`` each stack makes a key
+with every scope once its broker answers (:meth:`Stack.start_broker`), and
+its ``Http`` sends that key with every request, so a test written without
+keys in mind runs unchanged; ``Http(port)`` without a token sends none.
 """
 
 from __future__ import annotations
@@ -24,6 +31,9 @@ from typing import Any, TypeVar
 
 ROOT = Path(__file__).resolve().parent.parent
 T = TypeVar("T")
+
+AUTH = os.environ.get("FORMULARY_TEST_AUTH", "required")
+"""``FORMULARY_AUTH`` of the processes the tests start (``required`` or ``off``)."""
 
 # The SPEC's example formula.
 SUMMER = {
@@ -79,11 +89,21 @@ class Response:
 
 
 class Http:
-    """A tiny HTTP client that sends exactly the bytes and headers it is given."""
+    """A tiny HTTP client that sends exactly the bytes and headers it is given.
 
-    def __init__(self, port: int, timeout: float = 30.0) -> None:
+    With a ``token``, an ``Authorization: Bearer`` header is added to each
+    request that does not carry its own.
+    """
+
+    def __init__(self, port: int, timeout: float = 30.0, token: str | None = None) -> None:
         self.port = port
         self.timeout = timeout
+        self.token = token
+
+    @property
+    def auth_headers(self) -> dict[str, str]:
+        """The header that carries the token, for other clients (requests, raw sockets)."""
+        return {} if self.token is None else {"Authorization": f"Bearer {self.token}"}
 
     def request(
         self,
@@ -93,6 +113,8 @@ class Http:
         headers: Mapping[str, str] | None = None,
     ) -> Response:
         all_headers = dict(headers or {})
+        if not any(name.lower() == "authorization" for name in all_headers):
+            all_headers.update(self.auth_headers)
         if isinstance(body, dict):
             body = json.dumps(body)
             all_headers.setdefault("Content-Type", "application/json")
@@ -149,6 +171,7 @@ class Environment:
                 "FORMULARY_BIND": f"127.0.0.1:{self.port}",
                 "FORMULARY_WEB_WORKERS": "2",
                 "FORMULARY_LOG_LEVEL": "WARNING",
+                "FORMULARY_AUTH": AUTH,
                 "PYTHONPATH": str(ROOT),
             }
         )
@@ -280,6 +303,30 @@ class Stack:
     def start_broker(self) -> None:
         self.broker = broker_process(self.env).start()
         wait_for_broker(self.env, self.broker)
+        self.ensure_key()
+
+    def ensure_key(self) -> None:
+        """Under ``FORMULARY_AUTH=required``, give ``http`` a key with every scope.
+
+        The key it has is kept while the broker knows it (a journal survives
+        a restart; ``:memory:`` does not), so Idempotency-Keys sent before a
+        restart keep their owner after it.
+        """
+        if not self.env.settings().auth_required:
+            return
+        from broker.apikeys import SCOPES, parse_secret
+
+        client = self.client()
+        try:
+            known = self.http.token and parse_secret(self.http.token)
+            if not known or client.authenticate(*known) is None:
+                self.http.token = client.create_key("tests", SCOPES).secret
+        finally:
+            client.close()
+
+    @property
+    def auth_headers(self) -> dict[str, str]:
+        return self.http.auth_headers
 
     def start_api(self) -> None:
         self.api.start()

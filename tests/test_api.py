@@ -17,13 +17,16 @@ import pytest
 from api.app import create_app
 from broker.engines.embedded import EmbeddedBroker
 from broker.errors import BrokerUnavailable
+from broker.settings import Settings
 from broker.strict_json import MAX_BODY_BYTES
 from tests.support import SUMMER
+
+AUTH_OFF = Settings(auth="off")  # tests/test_auth.py builds apps with keys
 
 
 @pytest.fixture
 def client(broker: EmbeddedBroker) -> falcon.testing.TestClient:
-    return falcon.testing.TestClient(create_app(broker))
+    return falcon.testing.TestClient(create_app(broker, AUTH_OFF))
 
 
 def post(client: falcon.testing.TestClient, body: Any, **headers: str) -> falcon.testing.Result:
@@ -190,7 +193,7 @@ def test_a_body_one_byte_over_64_kib_is_413_and_stores_nothing(client, broker) -
 
 def test_a_full_queue_refuses_the_submit_whole_with_retry_after(clock, wall_clock) -> None:
     small = EmbeddedBroker(queue_capacity=1, clock=clock, wall_clock=wall_clock)
-    client = falcon.testing.TestClient(create_app(small))
+    client = falcon.testing.TestClient(create_app(small, AUTH_OFF))
     assert post(client, SUMMER).status_code == 202
     other = {"name": "y", "materials": [{"name": "Musk", "concentration": 1}]}
     result = post(client, other)
@@ -216,7 +219,7 @@ class Unreachable:
     [("POST", "/formulas"), ("GET", "/formulas"), ("GET", "/formulas/abc"), ("GET", "/health")],
 )
 def test_an_unreachable_broker_is_503_with_retry_after(method, path) -> None:
-    client = falcon.testing.TestClient(create_app(Unreachable()))  # type: ignore[arg-type]
+    client = falcon.testing.TestClient(create_app(Unreachable(), AUTH_OFF))  # type: ignore[arg-type]
     result = client.simulate_request(
         method, path, body=json.dumps(SUMMER), headers={"Content-Type": "application/json"}
     )

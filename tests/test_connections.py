@@ -12,6 +12,9 @@ import pytest
 
 from api.app import create_app
 from api.connections import BodyTimeout, honour_connection_close, read_within
+from broker.settings import Settings
+
+AUTH_OFF = Settings(auth="off")  # tests/test_auth.py builds apps with keys
 
 
 @pytest.fixture
@@ -49,7 +52,7 @@ def test_a_whole_body_is_read_and_marked_read(pair) -> None:
 
 
 def test_an_answer_that_leaves_the_body_unread_says_close(broker) -> None:
-    client = falcon.testing.TestClient(create_app(broker))
+    client = falcon.testing.TestClient(create_app(broker, AUTH_OFF))
     too_large = client.simulate_post(
         "/formulas", body=b" " * 65_537, headers={"Content-Type": "application/json"}
     )

@@ -45,11 +45,13 @@ def partial_head(port: int) -> socket.socket:
     return sock
 
 
-def partial_body(port: int) -> socket.socket:
+def partial_body(port: int, auth: dict[str, str]) -> socket.socket:
     sock = open_socket(port)
+    key = "".join(f"{name}: {value}\r\n" for name, value in auth.items()).encode()
     sock.sendall(
         b"POST /formulas HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-        b'Content-Length: 100\r\n\r\n{"na'
+        + key
+        + b'Content-Length: 100\r\n\r\n{"na'
     )
     return sock
 
@@ -65,10 +67,12 @@ def answer_or_close(sock: socket.socket) -> bytes:
 
 def test_64_stalled_clients_leave_others_answered_promptly_and_are_cut_off(stack) -> None:
     port = stack.env.port
-    stalled = [partial_head(port) for _ in range(32)] + [partial_body(port) for _ in range(32)]
+    stalled = [partial_head(port) for _ in range(32)]
+    stalled += [partial_body(port, stack.auth_headers) for _ in range(32)]
     stalled_at = time.monotonic()
     try:
         session = requests.Session()
+        session.headers.update(stack.auth_headers)
         latencies = []
         for i in range(60):
             started = time.monotonic()
@@ -114,7 +118,9 @@ def test_idle_keep_alive_connections_cost_no_thread(stack) -> None:
             idle.append(sock)  # kept open, idle
         started = time.monotonic()
         for _ in range(20):
-            response = requests.get(f"http://127.0.0.1:{port}/formulas?limit=1", timeout=10)
+            response = requests.get(
+                f"http://127.0.0.1:{port}/formulas?limit=1", headers=stack.auth_headers, timeout=10
+            )
             assert response.status_code == 200
         assert time.monotonic() - started < 5
     finally:
@@ -166,6 +172,7 @@ def test_after_any_error_answer_the_connection_serves_the_next_request_or_was_cl
     failures: dict[int, list[str]] = {}
     for status, (method, path, headers, body) in error_requests(stack).items():
         session = requests.Session()
+        session.headers.update(stack.auth_headers)
         for n in range(SEQUENCES):
             try:
                 error = session.request(
@@ -192,6 +199,7 @@ def test_after_any_error_answer_the_connection_serves_the_next_request_or_was_cl
 def test_an_error_that_leaves_the_body_unread_says_connection_close(stack) -> None:
     port = stack.env.port
     session = requests.Session()
+    session.headers.update(stack.auth_headers)
     too_large = session.post(
         f"http://127.0.0.1:{port}/formulas",
         data=b" " * 65_537,
@@ -208,6 +216,7 @@ def test_a_503_from_a_full_queue_keeps_the_connection() -> None:
     with running_stack(FORMULARY_QUEUE_CAPACITY="1") as stack:
         port = stack.env.port
         session = requests.Session()
+        session.headers.update(stack.auth_headers)
         assert session.post(f"http://127.0.0.1:{port}/formulas", json=SUMMER).status_code == 202
         for n in range(200):
             full = session.post(

@@ -25,7 +25,10 @@ from api.app import create_app
 from api.middleware import logfmt
 from broker.engines.embedded import EmbeddedBroker
 from broker.errors import BrokerUnavailable
+from broker.settings import Settings
 from tests.support import SUMMER, Stack, running_stack, wait_for
+
+AUTH_OFF = Settings(auth="off")  # tests/test_auth.py builds apps with keys
 
 TWIN = {
     "name": "Winter",
@@ -67,7 +70,7 @@ def formula(tag: str) -> dict[str, object]:
 
 @pytest.fixture
 def client(broker: EmbeddedBroker) -> falcon.testing.TestClient:
-    return falcon.testing.TestClient(create_app(broker))
+    return falcon.testing.TestClient(create_app(broker, AUTH_OFF))
 
 
 def post(client: falcon.testing.TestClient, body: Any, **headers: str) -> falcon.testing.Result:
@@ -176,7 +179,7 @@ class Unreachable:
 
 
 def test_metrics_still_answer_when_the_broker_does_not_with_broker_up_0() -> None:
-    client = falcon.testing.TestClient(create_app(Unreachable()))  # type: ignore[arg-type]
+    client = falcon.testing.TestClient(create_app(Unreachable(), AUTH_OFF))  # type: ignore[arg-type]
     assert client.simulate_get("/health").status_code == 503
     samples = scrape(client)
     assert value(samples, "formulary_broker_up") == 0

@@ -73,6 +73,10 @@ def two_hosts(dsn: str, **extra: str) -> Iterator[tuple[Stack, Stack]]:
                     host.api.start()
                 for host in hosts:
                     wait_for_broker(host.env, host.broker)
+                # One API key for both hosts (keys live in the database): a client's
+                # Idempotency-Keys are then the same keys whichever host it asks.
+                hosts[0].ensure_key()
+                hosts[1].http.token = hosts[0].http.token
                 for host in hosts:
                     wait_for_api(host.http, host.api)
             except BaseException:
