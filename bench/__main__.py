@@ -3,10 +3,14 @@
 Three phases, each on its own freshly started processes (see ``bench/stack.py``):
 
 1. HTTP: broker + API + the ceiling app (and the ceiling plus one broker round
-   trip) under the same gunicorn configuration, no workers. Each repetition
-   runs the ceiling, the round trip, new make-ups (ingest alone),
-   the same make-up (409) and ``GET /formulas/{id}`` back to back, so every
-   scenario sees the same conditions; figures are medians over repetitions.
+   trip) under the same gunicorn configuration, no workers, for each engine of
+   ``--engines`` (``bench/engines.py``: the embedded engine on its journal
+   file, PostgreSQL on a durable server started for the run, and two hosts on
+   that database). Each repetition runs the ceiling, the round trip, then new
+   make-ups (ingest alone), the same make-up (409) and ``GET /formulas/{id}``,
+   each scenario on every engine back to back (the engines' order reversed
+   every other repetition), so every scenario sees the same conditions;
+   figures are medians over repetitions.
 2. Pipeline: broker + API + the default worker count. Submit-to-processed
    latency at a steady rate, the workers' drain rate, then new make-ups at full
    load with the workers running (the full pipeline).
@@ -25,13 +29,20 @@ import os
 import subprocess
 import sys
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import ExitStack
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from bench import memory, pipeline, report, scale
-from bench.load import Aggregate, Generator, LoadResult, Plan, wrk_available
+from bench import engines, memory, pipeline, report, scale
+from bench.engines import EMBEDDED, POSTGRES, TWO_HOSTS
+from bench.load import Aggregate, Generator, LoadResult, LoadSpec, Plan, wrk_available
 from bench.stack import ROOT, Stack, StartError, request, start_command
+
+if TYPE_CHECKING:
+    from tests.postgres import PostgresServer
 
 log = logging.getLogger("bench")
 
@@ -72,6 +83,8 @@ class Config:
     scale_repeats: int
     generator: Generator
     out: Path
+    engines: tuple[str, ...] = (EMBEDDED,)
+    engines_note: str = ""  # why an engine of the default set is not measured
 
 
 def _counts(text: str) -> tuple[int, ...]:
@@ -106,6 +119,11 @@ def parse_args(argv: list[str] | None) -> Config:
         default="auto",
         help="load generator: wrk if installed (auto), or the pure-Python fallback",
     )
+    parser.add_argument(
+        "--engines",
+        help="engines for ingest, duplicates and GET: embedded,postgres (default both; "
+        "postgres is left out, with a warning, where it cannot run unless named here)",
+    )
     parser.add_argument("--out", type=Path, help="JSON results (bench/results/latest.json)")
     args = parser.parse_args(argv)
     smoke = bool(args.smoke)
@@ -119,6 +137,18 @@ def parse_args(argv: list[str] | None) -> Config:
     def pick(value: float | int | None, full: float | int, quick: float | int) -> float:
         return float(value if value is not None else (quick if smoke else full))
 
+    try:
+        chosen = engines.parse_engines(args.engines or ",".join(engines.ENGINES))
+    except ValueError as exc:
+        parser.error(f"--engines: {exc}")
+    note = ""
+    if POSTGRES in chosen:
+        reason = engines.postgres_unavailable()
+        if reason and args.engines:
+            parser.error(f"--engines postgres: {reason}")
+        if reason:
+            chosen = tuple(e for e in chosen if e != POSTGRES)
+            note = f"the PostgreSQL engine was not measured: {reason}"
     seconds = pick(args.seconds, 10, 1)
     return Config(
         mode="smoke" if smoke else "full",
@@ -136,6 +166,8 @@ def parse_args(argv: list[str] | None) -> Config:
         scale_repeats=1 if smoke else 3,
         generator=generator,
         out=args.out or RESULTS / ("smoke.json" if smoke else "latest.json"),
+        engines=chosen,
+        engines_note=note,
     )
 
 
@@ -159,44 +191,122 @@ def _log_run(key: str, result: LoadResult) -> None:
     )
 
 
+ENGINE_SCENARIOS = ("ingest", "duplicate", "get")
+
+
 def http_phase(config: Config, plan: Plan, results: report.Results) -> None:
-    """Ceiling, ingest alone, duplicates and reads, interleaved repetition by repetition."""
-    with Stack("http") as stack:
-        stack.start_broker()
-        api = stack.start_server("api")
-        ceiling = stack.start_server("ceiling", "bench.ceiling:app")
-        round_trip = stack.start_server("round_trip", "bench.ceiling:round_trip_app()")
-        request(api, "POST", "/formulas", DUPLICATE_BODY)
-        status, headers, _ = request(api, "POST", "/formulas", READ_BODY)
-        if status != 202:
-            raise StartError(f"could not store the formula to read back: {status}")
-        specs = {
-            "ceiling": plan.spec(ceiling, "POST", "/formulas", "unique"),
-            "round_trip": plan.spec(round_trip, "POST", "/formulas", "unique"),
-            "ingest": plan.spec(api, "POST", "/formulas", "unique"),
-            "duplicate": plan.spec(api, "POST", "/formulas", "fixed", DUPLICATE_BODY),
-            "get": plan.spec(api, "GET", headers["location"], "none"),
-        }
+    """Ceiling, then ingest, duplicates and reads on each engine, interleaved run by run."""
+    # (scenario, engine) -> the loads run at once: one, or one per host.
+    specs: dict[tuple[str, str], list[LoadSpec]] = {}
+    stacks: list[Stack] = []
+    with ExitStack() as exits:
+        stack = exits.enter_context(Stack("http"))
+        stacks.append(stack)
+        apis: dict[str, int] = {}
+        second: engines.SecondHost | None = None
+        # A gunicorn takes about a second to answer: the first stack's processes are
+        # all launched before any is waited for, the PostgreSQL server starts in a
+        # thread meanwhile (pg_ctl: the server is not our child), then host A's
+        # broker and API start together. Children are launched from this thread
+        # only: their PR_SET_PDEATHSIG follows the thread that launched them.
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            database = None
+            if POSTGRES in config.engines:
+                database = pool.submit(engines.start_postgres, results.postgres)
+                exits.callback(_stop_postgres, database)
+            stack.launch_broker()
+            ports = {
+                "ceiling": stack.launch_server("ceiling", "bench.ceiling:app"),
+                "round_trip": stack.launch_server("round_trip", "bench.ceiling:round_trip_app()"),
+            }
+            if EMBEDDED in config.engines:
+                ports["api"] = stack.launch_server("api")
+            stack.wait_for_broker()
+            for name in ports:
+                stack.wait_for_server(name)
+            if database is not None:
+                _, dsn = database.result()
+                host = exits.enter_context(Stack("postgres host A", dsn))
+                stacks.append(host)
+                apis[POSTGRES] = host.start_server_after_broker()
+                second_stack = exits.enter_context(Stack("postgres host B", dsn))
+                second = engines.SecondHost(second_stack, plan, apis[POSTGRES], config.warmup)
+        specs["ceiling", EMBEDDED] = [plan.spec(ports["ceiling"], "POST", "/formulas", "unique")]
+        specs["round_trip", EMBEDDED] = [
+            plan.spec(ports["round_trip"], "POST", "/formulas", "unique")
+        ]
+        if "api" in ports:
+            apis = {EMBEDDED: ports["api"], **apis}
+        for engine, api in apis.items():
+            request(api, "POST", "/formulas", DUPLICATE_BODY)
+            status, headers, _ = request(api, "POST", "/formulas", READ_BODY)
+            if status != 202:
+                raise StartError(f"{engine}: could not store the formula to read back: {status}")
+            specs["ingest", engine] = [plan.spec(api, "POST", "/formulas", "unique")]
+            specs["duplicate", engine] = [
+                plan.spec(api, "POST", "/formulas", "fixed", DUPLICATE_BODY)
+            ]
+            specs["get", engine] = [plan.spec(api, "GET", headers["location"], "none")]
+        if second is not None:
+            # Host B runs only for these runs (and warms up for each), so that the
+            # one-host runs have one broker woken by each commit's NOTIFY, not two.
+            specs["ingest", TWO_HOSTS] = specs["ingest", POSTGRES]
         if config.warmup:
-            log.info("warming up (%g s per scenario)", config.warmup)
-            for spec in specs.values():
-                plan.run(replace(spec, seconds=config.warmup))
-        runs: dict[str, list[LoadResult]] = {key: [] for key in specs}
+            log.info("warming up (%g s per scenario and engine)", config.warmup)
+            for key, loads in specs.items():
+                if key[1] != TWO_HOSTS:
+                    _run(plan, [replace(spec, seconds=config.warmup) for spec in loads])
+        runs: dict[tuple[str, str], list[LoadResult]] = {key: [] for key in specs}
+        per_host: list[list[LoadResult]] = []
         for repetition in range(1, config.repeats + 1):
             log.info("HTTP scenarios, repetition %d of %d", repetition, config.repeats)
-            for key, spec in specs.items():
-                result = plan.run(spec)
-                _log_run(key, result)
+            for key in _order(specs, repetition):
+                if key[1] == TWO_HOSTS and second is not None:
+                    result, each = second.run(specs[key][0])
+                else:
+                    result, each = _run(plan, specs[key])
+                _log_run(key[0] if key[1] == EMBEDDED else f"{key[0]} [{key[1]}]", result)
                 runs[key].append(result)
-    for key, found in runs.items():
-        _add_scenario(results, key, Aggregate.of(found))
+                if len(each) > 1:
+                    per_host.append(each)
+        for started in stacks:  # every gunicorn stops at once, not one after another
+            started.terminate_clients()
+    for (key, engine), found in runs.items():
+        _add_scenario(results, key, Aggregate.of(found), engine)
+    if per_host:
+        results.hosts = [Aggregate.of(list(host)) for host in zip(*per_host, strict=True)]
 
 
-def _add_scenario(results: report.Results, key: str, aggregate: Aggregate) -> None:
+def _stop_postgres(database: Future[tuple[PostgresServer, str]]) -> None:
+    """Stop the server once its start is over, if it started."""
+    if database.exception() is None:
+        database.result()[0].stop()
+
+
+def _order(specs: dict[tuple[str, str], list[LoadSpec]], repetition: int) -> list[tuple[str, str]]:
+    """The ceilings, then each scenario on every engine; the engines reversed every other time."""
+    order = [("ceiling", EMBEDDED), ("round_trip", EMBEDDED)]
+    for scenario in ENGINE_SCENARIOS:
+        here = [key for key in specs if key[0] == scenario]
+        order += here if repetition % 2 else here[::-1]
+    return order
+
+
+def _run(plan: Plan, loads: list[LoadSpec]) -> tuple[LoadResult, list[LoadResult]]:
+    if len(loads) == 1:
+        result = plan.run(loads[0])
+        return result, [result]
+    return engines.run_together(plan, loads)
+
+
+def _add_scenario(
+    results: report.Results, key: str, aggregate: Aggregate, engine: str = EMBEDDED
+) -> None:
     title, expected = next((t, e) for k, t, e in SCENARIOS if k == key)
-    results.scenarios.append(report.Scenario(key, title, expected, aggregate))
-    results.scenarios.sort(key=lambda s: [k for k, _, _ in SCENARIOS].index(s.key))
-    _check(results, key, aggregate, expected)
+    results.scenarios.append(report.Scenario(key, title, expected, aggregate, engine))
+    keys = [k for k, _, _ in SCENARIOS]
+    results.scenarios.sort(key=lambda s: (keys.index(s.key), report.ENGINE_ORDER.index(s.engine)))
+    _check(results, key if engine == EMBEDDED else f"{key} [{engine}]", aggregate, expected)
 
 
 def pipeline_phase(config: Config, plan: Plan, results: report.Results) -> None:
@@ -265,7 +375,11 @@ def main(argv: list[str] | None = None) -> int:
         repeats=config.repeats,
         workers=config.workers,
         machine=report.machine(),
+        engines=list(config.engines),
     )
+    results.machine["journal"] = engines.journal_location()
+    if config.engines_note:
+        _warn(results, config.engines_note)
     plan = Plan(config.seconds, config.connections, config.threads, config.generator)
     started = time.monotonic()
     try:

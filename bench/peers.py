@@ -257,7 +257,8 @@ def _start_formulary(running: Running, *, in_memory: bool) -> int:
     data = ":memory:" if in_memory else "<tmp>/journal.sqlite3"
     running.commands += [
         f"FORMULARY_DATA={data} python -m broker",
-        f"FORMULARY_DATA={data} FORMULARY_BIND=127.0.0.1:{port} gunicorn -c gunicorn.conf.py",
+        f"FORMULARY_DATA={data} FORMULARY_AUTH=off FORMULARY_BIND=127.0.0.1:{port} "
+        "gunicorn -c gunicorn.conf.py",
     ]
     return port
 

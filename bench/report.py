@@ -1,4 +1,4 @@
-"""The results of one run: what was measured, the targets of issue 6, and the markdown tables."""
+"""The results of one run: what was measured, the targets, and the markdown tables."""
 
 from __future__ import annotations
 
@@ -10,11 +10,16 @@ from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from typing import Any
 
+from bench.engines import EMBEDDED, LABELS, POSTGRES, TWO_HOSTS
 from bench.load import Aggregate, wrk_available
 from bench.memory import MemoryFigures
 from bench.pipeline import DrainResult, LatencyResult
 from bench.scale import ScalePoint
 from bench.stack import ROOT
+
+ENGINE_ORDER = (EMBEDDED, POSTGRES, TWO_HOSTS)
+# The PostgreSQL engine's ingest against the embedded engine's, in the same run.
+POSTGRES_INGEST_GOAL = 0.7
 
 
 @dataclass
@@ -23,6 +28,7 @@ class Scenario:
     title: str
     expected: str
     result: Aggregate
+    engine: str = EMBEDDED  # the ceilings are served beside the embedded engine's broker
 
 
 @dataclass
@@ -58,9 +64,12 @@ class Results:
     scale: list[ScalePoint] = field(default_factory=list)
     memory: MemoryFigures | None = None
     warnings: list[str] = field(default_factory=list)
+    engines: list[str] = field(default_factory=lambda: [EMBEDDED])
+    postgres: dict[str, str] = field(default_factory=dict)  # the server, where its data lives
+    hosts: list[Aggregate] = field(default_factory=list)  # two hosts: each one's share
 
-    def scenario(self, key: str) -> Scenario | None:
-        return next((s for s in self.scenarios if s.key == key), None)
+    def scenario(self, key: str, engine: str = EMBEDDED) -> Scenario | None:
+        return next((s for s in self.scenarios if s.key == key and s.engine == engine), None)
 
 
 @dataclass
@@ -195,6 +204,7 @@ def targets(results: Results) -> list[Target]:
     else:
         found.append(Target("submit p99 at 1,000,000 vs at 0", "≤ 1.25x", "not measured", None))
         found.append(Target("broker memory per stored formula", "< 1,024 B", "not measured", None))
+    found.append(_engine_target(results))
     memory = results.memory
     if memory is not None:
         ratio = memory.key_bytes / memory.formula_bytes
@@ -220,6 +230,25 @@ def targets(results: Results) -> list[Target]:
     return found
 
 
+def _per_repetition(top: Aggregate, bottom: Aggregate) -> list[float]:
+    """The ratio of two scenarios' req/s in each repetition (their runs were back to back)."""
+    return [a / b for a, b in zip(top.rps_runs, bottom.rps_runs, strict=False) if b]
+
+
+def _engine_target(results: Results) -> Target:
+    name = "PostgreSQL ingest vs the embedded engine's, same run: req/s"
+    goal = f"≥ {POSTGRES_INGEST_GOAL:g}x"
+    postgres, embedded = results.scenario("ingest", POSTGRES), results.scenario("ingest")
+    if postgres is None or embedded is None or not embedded.result.rps:
+        return Target(name, goal, "not measured", None)
+    ratio = postgres.result.rps / embedded.result.rps
+    measured = f"{postgres.result.rps:,.0f} / {embedded.result.rps:,.0f} = {ratio:.2f}x"
+    rounds = _per_repetition(postgres.result, embedded.result)
+    if len(rounds) > 1:
+        measured += f" (repetitions {min(rounds):.2f}-{max(rounds):.2f}x)"
+    return Target(name, goal, measured, ratio >= POSTGRES_INGEST_GOAL)
+
+
 # -- rendering ----------------------------------------------------------------------------
 
 
@@ -239,6 +268,8 @@ def _scenario_rows(results: Results) -> list[str]:
         "|---|---:|---:|---:|---:|---:|---|---|",
     ]
     for s in results.scenarios:
+        if s.engine != EMBEDDED:
+            continue  # in the engines' table
         r = s.result
         rps_x = p99_x = "-"
         if ceiling is not None and ceiling.result.rps and ceiling.result.p99_ms:
@@ -250,6 +281,69 @@ def _scenario_rows(results: Results) -> list[str]:
             f"| {_ms(r.p99_ms)} | {p99_x} | {_counts(r.statuses)} | {_counts(r.socket_errors)} |"
         )
     return rows
+
+
+def _engine_rows(results: Results) -> list[str]:
+    """Ingest, duplicates and GET on every engine, with the ceiling beside them."""
+    if results.engines == [EMBEDDED]:
+        return []
+    ceiling = results.scenario("ceiling")
+    rows = [
+        "| scenario | engine | req/s | x ceiling | x embedded | p50 ms | p99 ms "
+        "| p99 x ceiling | req/s per repetition | statuses |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---|---|",
+    ]
+    if ceiling is not None:
+        c = ceiling.result
+        rows.append(
+            f"| ceiling | - | {c.rps:,.0f} | 1.00 | - | {_ms(c.p50_ms)} | {_ms(c.p99_ms)} "
+            f"| 1.00 | {_runs(c)} | {_counts(c.statuses)} |"
+        )
+    for s in results.scenarios:
+        if s.key not in ("ingest", "duplicate", "get"):
+            continue
+        r = s.result
+        rps_x = p99_x = vs_embedded = "-"
+        if ceiling is not None and ceiling.result.rps and ceiling.result.p99_ms:
+            rps_x = f"{r.rps / ceiling.result.rps:.2f}"
+            p99_x = f"{r.p99_ms / ceiling.result.p99_ms:.2f}"
+        embedded = results.scenario(s.key)
+        if embedded is not None and embedded.result.rps:
+            vs_embedded = f"{r.rps / embedded.result.rps:.2f}"
+        flag = " ⚠" if r.unexpected(s.expected) else ""
+        errors = f"; socket errors {_counts(r.socket_errors)}" if r.socket_errors else ""
+        rows.append(
+            f"| {s.key}{flag} | {LABELS[s.engine]} | {r.rps:,.0f} | {rps_x} | {vs_embedded} "
+            f"| {_ms(r.p50_ms)} | {_ms(r.p99_ms)} | {p99_x} | {_runs(r)} "
+            f"| {_counts(r.statuses)}{errors} |"
+        )
+    one, two = results.scenario("ingest", POSTGRES), results.scenario("ingest", TWO_HOSTS)
+    if one is not None and two is not None and one.result.rps:
+        shares = " + ".join(f"{h.rps:,.0f}" for h in results.hosts)
+        rounds = _per_repetition(two.result, one.result)
+        spread = f" (repetitions {min(rounds):.2f}-{max(rounds):.2f}x)" if len(rounds) > 1 else ""
+        rows += [
+            "",
+            f"Two hosts on one database: {two.result.rps:,.0f} req/s of ingest in all "
+            f"(each host's median: {shares}; p99 is the worse host's), "
+            f"{two.result.rps / one.result.rps:.2f}x one host on PostgreSQL{spread}. Both "
+            "hosts' processes share this machine's cores, the load is the same "
+            f"{results.connections} connections split between them, and host B runs only "
+            "for these runs.",
+        ]
+    if results.postgres:
+        p = results.postgres
+        rows += [
+            "",
+            f"PostgreSQL: {p.get('server', '?')}, data in {p.get('data directory', '?')}; "
+            f"{p.get('settings', '?')}. Embedded journal: "
+            f"{results.machine.get('journal', '?')}, `synchronous=FULL`.",
+        ]
+    return rows
+
+
+def _runs(r: Aggregate) -> str:
+    return " / ".join(f"{rps:,.0f}" for rps in r.rps_runs)
 
 
 def _pipeline_rows(results: Results) -> list[str]:
@@ -325,9 +419,11 @@ def render(results: Results) -> str:
         f"start / end: {m['load average at start']} / {m.get('load average at end', '?')}.",
         "",
         *_scenario_rows(results),
-        "",
-        *_pipeline_rows(results),
     ]
+    engine_rows = _engine_rows(results)
+    if engine_rows:
+        lines += ["", *engine_rows]
+    lines += ["", *_pipeline_rows(results)]
     scale = _scale_rows(results)
     if scale:
         lines += ["", *scale]

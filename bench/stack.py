@@ -102,6 +102,7 @@ class Child:
         self.cwd = cwd
         self.popen: subprocess.Popen[bytes] | None = None
         self.started_at = 0.0
+        self._terminated = False
 
     def start(self) -> Child:
         log.debug("starting %s: %s", self.name, " ".join(self.argv))
@@ -117,6 +118,7 @@ class Child:
                 start_new_session=True,
                 preexec_fn=_die_with_parent,
             )
+        self._terminated = False
         return self
 
     @property
@@ -136,11 +138,17 @@ class Child:
         if not self.alive():
             raise StartError(f"{self.name} exited early:\n{self.tail()}")
 
+    def terminate(self) -> None:
+        """SIGTERM, once, without waiting: :meth:`stop` then waits for the exit."""
+        if self.popen is not None and self.popen.poll() is None and not self._terminated:
+            self.popen.send_signal(signal.SIGTERM)
+            self._terminated = True
+
     def stop(self, timeout: float = STOP_TIMEOUT) -> None:
         if self.popen is None:
             return
         if self.popen.poll() is None:
-            self.popen.send_signal(signal.SIGTERM)
+            self.terminate()
             try:
                 self.popen.wait(timeout)
             except subprocess.TimeoutExpired:
@@ -156,14 +164,22 @@ class Child:
 
 
 class Stack:
-    """A broker on ``journal``, gunicorn servers and workers, all stopped by :meth:`close`."""
+    """A broker on ``journal``, gunicorn servers and workers, all stopped by :meth:`close`.
 
-    def __init__(self, label: str, journal: Path | None = None) -> None:
+    ``journal`` is what ``FORMULARY_DATA`` names: a journal file (by default a
+    fresh one in the stack's directory), ``:memory:``, or a ``postgresql://``
+    URI; stacks on one URI are hosts sharing one database.
+    """
+
+    def __init__(self, label: str, journal: Path | str | None = None) -> None:
         self.label = label
         self.directory = Path(tempfile.mkdtemp(prefix="fb-"))
         self.journal = journal if journal is not None else self.directory / "journal.sqlite3"
         self.broker: Child | None = None
         self.servers: dict[str, tuple[Child, int]] = {}
+        # The API answers /health 200 only once it reaches the broker; the
+        # ceiling has no /health and answers 404, which is also "listening".
+        self._ready: dict[str, set[int]] = {}
         self.workers: list[Child] = []
         self._client: BrokerClient | None = None
 
@@ -192,6 +208,11 @@ class Stack:
                 "FORMULARY_ADMIN_SOCKET": str(self.directory / "admin.sock"),
                 "FORMULARY_QUEUE_CAPACITY": str(QUEUE_CAPACITY),
                 "FORMULARY_LOG_LEVEL": "WARNING",
+                # No API keys: the peers (bench/peers.py) check none, so keys would
+                # make the comparison unfair; and the load generators (wrk, the soak's
+                # clients) send no Authorization. The cost of a key is one cached
+                # lookup per request (api/auth.py), measured by nothing here.
+                "FORMULARY_AUTH": "off",
                 "PYTHONPATH": str(ROOT),
             }
         )
@@ -212,6 +233,11 @@ class Stack:
 
     def start_broker(self) -> float:
         """Start the broker; the seconds from process start until ``ping()`` answers."""
+        self.launch_broker()
+        return self.wait_for_broker()
+
+    def launch_broker(self) -> None:
+        """Start the broker process without waiting for it (:meth:`wait_for_broker`)."""
         broker = Child(
             "broker",
             [sys.executable, "-m", "broker"],
@@ -220,15 +246,23 @@ class Stack:
         )
         self.broker = broker
         broker.start()
+
+    def wait_for_broker(self) -> float:
+        """Wait until the broker answers ``ping()``; the seconds since its process started."""
+        broker = self.broker
+        if broker is None:
+            raise RuntimeError("the broker was not launched")
         probe = BrokerClient(self.settings())
 
         def answers() -> bool:
             broker.check_alive()
             return probe.ping()
 
-        wait_until(answers, timeout=START_TIMEOUT, what="the broker to answer ping")
+        try:
+            wait_until(answers, timeout=START_TIMEOUT, what="the broker to answer ping")
+        finally:
+            probe.close()
         seconds = time.monotonic() - broker.started_at
-        probe.close()
         log.info("[%s] broker up in %.2fs (pid %d)", self.label, seconds, broker.pid)
         return seconds
 
@@ -238,16 +272,26 @@ class Stack:
         With ``app`` the command-line application overrides the config's
         ``wsgi_app``; every other setting is the repository's configuration.
         """
+        port = self.launch_server(name, app)
+        self.wait_for_server(name)
+        return port
+
+    def launch_server(self, name: str, app: str | None = None) -> int:
+        """:meth:`start_server` without waiting for it (:meth:`wait_for_server`)."""
         port = free_port()
         argv = [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py"]
         if app is not None:
             argv.append(app)
         server = Child(name, argv, self.env(port), self.directory / f"{name}.log")
         self.servers[name] = (server, port)
+        self._ready[name] = {200} if app is None else {404}
         server.start()
-        # The API answers /health 200 only once it reaches the broker; the
-        # ceiling has no /health and answers 404, which is also "listening".
-        ready = {200} if app is None else {404}
+        return port
+
+    def wait_for_server(self, name: str) -> None:
+        """Wait until the server answers HTTP: the API once it reaches the broker."""
+        server, port = self.servers[name]
+        ready = self._ready[name]
 
         def listening() -> bool:
             server.check_alive()
@@ -255,6 +299,13 @@ class Stack:
 
         wait_until(listening, timeout=START_TIMEOUT, what=f"{name} to answer HTTP")
         log.info("[%s] %s listening on 127.0.0.1:%d", self.label, name, port)
+
+    def start_server_after_broker(self) -> int:
+        """Launch the broker and the API together, wait for both; the API's port."""
+        self.launch_broker()
+        port = self.launch_server("api")
+        self.wait_for_broker()
+        self.wait_for_server("api")
         return port
 
     def start_workers(self, count: int, *args: str) -> None:
@@ -289,8 +340,14 @@ class Stack:
             self.broker.stop()
             self.broker = None
 
+    def terminate_clients(self) -> None:
+        """SIGTERM every worker and web server at once (a gunicorn takes ~1 s to stop)."""
+        for child in [*self.workers, *(server for server, _ in self.servers.values())]:
+            child.terminate()
+
     def close(self) -> None:
         try:
+            self.terminate_clients()
             self.stop_workers()
             for name in list(self.servers):
                 self.stop_server(name)

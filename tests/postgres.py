@@ -22,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
 
@@ -125,12 +126,25 @@ class PostgresServer:
     ``dsn(name)`` names a database on it; ``create_database()`` makes a fresh one per
     test. ``stop_immediate()``/``start()`` and ``restart_immediate()`` crash and recover
     it as a killed server would; ``stop()`` shuts it down and deletes everything.
+
+    ``settings`` are laid over ``SETTINGS`` (``postgresql.conf`` syntax: strings quoted),
+    e.g. ``{"fsync": "on"}``; ``in_memory=False`` keeps the cluster in the system's
+    temporary directory (on disk, where that is a disk) even when /dev/shm has room.
+    The benchmark (``bench/engines.py``) uses both for a durable server on disk.
     """
 
-    def __init__(self, bindir: Path | None = None) -> None:
+    def __init__(
+        self,
+        bindir: Path | None = None,
+        *,
+        settings: Mapping[str, str] | None = None,
+        in_memory: bool = True,
+    ) -> None:
         self.bindir = bindir or find_bindir()
+        self.settings = {**SETTINGS, **(settings or {})}
         self._as_server_user = _server_user_prefix()
-        self.directory = Path(tempfile.mkdtemp(prefix="fm-pg-", dir=_scratch_parent()))
+        parent = _scratch_parent() if in_memory else None
+        self.directory = Path(tempfile.mkdtemp(prefix="fm-pg-", dir=parent))
         self.data = self.directory / "data"
         self.socket_directory = self.directory / "socket"
         self.log_path = self.directory / "server.log"
@@ -234,7 +248,7 @@ class PostgresServer:
         for attempt in range(attempts):
             self.port = free_port()
             settings = {
-                **SETTINGS,
+                **self.settings,
                 "port": str(self.port),
                 "unix_socket_directories": f"'{self.socket_directory}'",
             }
