@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from decimal import Decimal
 from functools import partial
 from typing import Any, Final
@@ -74,12 +75,14 @@ def open_postgres(settings: Settings) -> Any:
         min_size=2,
         max_size=POOL_SIZE,
         kwargs={
+            "autocommit": True,
             "connect_timeout": CONNECT_TIMEOUT,
             "application_name": "formulary-broker",
             "options": SESSION_OPTIONS,
         },
         configure=configure,
-        check=ConnectionPool.check_connection,
+        check=check_if_idle,
+        reset=mark_returned,
         timeout=ACQUIRE_TIMEOUT,
         name="formulary",
         open=True,
@@ -97,6 +100,24 @@ def open_postgres(settings: Settings) -> Any:
     )
     log.info("engine: PostgreSQL at %s (schema was version %d)", where, found)
     return broker
+
+
+IDLE_CHECK_SECONDS: Final = 5.0
+"""A pooled connection idle longer than this is checked (one round trip) before it is
+lent: the database may have restarted meanwhile. One used more recently is lent as
+it is; if it broke in between, its call answers 503 and the pool replaces it."""
+
+
+def mark_returned(connection: Any) -> None:
+    """The pool's ``reset`` hook: note when the connection came back."""
+    connection.formulary_returned = time.monotonic()
+
+
+def check_if_idle(connection: Any) -> None:
+    """The pool's ``check`` hook: an empty query, only for a connection idle a while."""
+    returned = getattr(connection, "formulary_returned", None)
+    if returned is None or time.monotonic() - returned > IDLE_CHECK_SECONDS:
+        connection.execute("")
 
 
 def check_uri(conninfo: str) -> None:

@@ -17,6 +17,9 @@ API keys live in the database like the rest; ``authenticate`` reads the key
 on every call, so a revocation made through any host's admin socket holds
 on every host from its commit on.
 
+Each call is one statement on a pooled connection in autocommit, so one
+round trip: the atomic steps are SQL functions, each one transaction.
+
 Errors: a database that cannot be reached is ``BrokerUnavailable`` (the API
 answers 503 with Retry-After; workers back off and retry); any other
 database error in a write is ``StorageFailed``, its transaction rolled back.
@@ -129,14 +132,14 @@ class PostgresBroker:
     # -- submissions --------------------------------------------------------------------
 
     def ping(self) -> bool:
-        with self._transaction() as connection:
+        with self._connection() as connection:
             connection.execute(query("ping"))
         return True
 
     def authenticate(self, key_id: str, secret_digest: str) -> ApiKey | None:
         if not _is_text(key_id) or not _is_text(secret_digest) or not secret_digest.isascii():
             return None
-        with self._transaction() as connection:
+        with self._connection() as connection:
             row = connection.execute(query("api_key"), {"key_id": key_id}).fetchone()
         if row is None or row[5] is not None or not matches(row[3], secret_digest):
             return None
@@ -150,11 +153,12 @@ class PostgresBroker:
         return unwrap(outcome)
 
     def submit_many(self, requests: Sequence[SubmitRequest]) -> list[SubmitOutcome]:
-        """Every submit of the group in one transaction: one commit (one WAL flush) for all.
+        """Every submit of the group in one statement: one transaction, one WAL flush.
 
-        Each runs the ``formulary.submit`` function, which sees the ones
-        before it; if the transaction fails as a whole (a deadlock between
-        two groups racing on the same make-ups, say), each is run again alone.
+        ``formulary.submit_many`` runs ``formulary.submit`` for each, in order,
+        each seeing the ones before it; if the transaction fails as a whole (a
+        deadlock between two groups racing on the same make-ups, say), each is
+        run again alone.
         """
         if not requests:
             return []
@@ -173,27 +177,25 @@ class PostgresBroker:
         return outcomes
 
     def _submit_group(self, requests: Sequence[SubmitRequest]) -> list[SubmitOutcome]:
-        answers = []
-        with self._transaction(passing=_RACES) as connection, connection.cursor() as cursor:
-            for draft, idempotency in requests:
-                cursor.execute(
-                    query("submit"),
-                    {
-                        "owner": "" if idempotency is None else idempotency.owner,
-                        "key": None if idempotency is None else idempotency.key,
-                        "body_digest": None if idempotency is None else idempotency.body_digest,
-                        "key_ttl": self._idempotency_ttl,
-                        "formula_id": self._new_id(),
-                        "name": draft.name,
-                        "materials": pack_materials(draft.materials),
-                        "fingerprint": draft.fingerprint,
-                        "message_id": self._new_id(),
-                        "capacity": self._capacity,
-                    },
-                )
-                answers.append(cursor.fetchone())
+        keys = [idempotency for _, idempotency in requests]
+        with self._connection(passing=_RACES) as connection:
+            rows = connection.execute(
+                query("submit_many"),
+                {
+                    "owners": ["" if k is None else k.owner for k in keys],
+                    "keys": [None if k is None else k.key for k in keys],
+                    "body_digests": [None if k is None else k.body_digest for k in keys],
+                    "key_ttl": self._idempotency_ttl,
+                    "formula_ids": [self._new_id() for _ in requests],
+                    "names": [draft.name for draft, _ in requests],
+                    "materials": [pack_materials(draft.materials) for draft, _ in requests],
+                    "fingerprints": [draft.fingerprint for draft, _ in requests],
+                    "message_ids": [self._new_id() for _ in requests],
+                    "capacity": self._capacity,
+                },
+            ).fetchall()
         outcomes = [
-            self._answer(row, request) for row, request in zip(answers, requests, strict=True)
+            self._answer(row[1:], request) for row, request in zip(rows, requests, strict=True)
         ]
         self._count(outcomes)
         return outcomes
@@ -243,7 +245,7 @@ class PostgresBroker:
         return found
 
     def get_formulas(self, formula_ids: Sequence[str]) -> list[FormulaView | None]:
-        with self._transaction() as connection:
+        with self._connection() as connection:
             rows = connection.execute(
                 query("formulas_by_id"),
                 {"ids": list(formula_ids), "max_deliveries": self._max_deliveries},
@@ -255,7 +257,7 @@ class PostgresBroker:
         if not 1 <= limit <= MAX_PAGE:
             raise ValueError(f"limit must be between 1 and {MAX_PAGE}")
         before = _NO_CURSOR if cursor is None else decode_cursor(cursor)
-        with self._transaction() as connection:
+        with self._connection() as connection:
             rows = connection.execute(
                 query("formula_page"),
                 {"before": before, "limit": limit + 1, "max_deliveries": self._max_deliveries},
@@ -265,7 +267,7 @@ class PostgresBroker:
         return FormulaPage(items, encode_cursor(rows[limit - 1][-1]) if more else None)
 
     def stats(self) -> BrokerStats:
-        with self._transaction() as connection:
+        with self._connection() as connection:
             self._bury(connection)
             row = connection.execute(
                 query("gauges"), {"max_deliveries": self._max_deliveries}
@@ -312,7 +314,7 @@ class PostgresBroker:
     def _lease(
         self, consumer: str, max_messages: int, lease: float
     ) -> tuple[list[Delivery], float | None]:
-        with self._transaction() as connection:
+        with self._connection() as connection:
             self._bury(connection)
             rows = connection.execute(
                 query("lease"),
@@ -323,10 +325,8 @@ class PostgresBroker:
                     "max_deliveries": self._max_deliveries,
                 },
             ).fetchall()
-            if rows:
-                connection.execute(query("count_deliveries"), {"ids": [row[1] for row in rows]})
-                due_in = None
-            else:
+            due_in = None
+            if not rows:
                 due = connection.execute(query("seconds_to_next_due")).fetchone()
                 due_in = None if due is None or due[0] is None else max(0.0, float(due[0]))
         # Redeliveries first, each group in the order it became visible.
@@ -357,38 +357,43 @@ class PostgresBroker:
         return outcome == COMPLETED
 
     def complete_many(self, results: Sequence[tuple[str, Mapping[str, Any]]]) -> list[str]:
-        """Every result and ack in one transaction; each receipt checked under its row lock."""
+        """Every result and ack in one statement; each receipt checked under its row lock."""
         outcomes: list[str] = []
-        recorded = acked = 0
-        with self._transaction() as connection, connection.cursor() as cursor:
-            for receipt, summary in results:
-                parts = _parse_receipt(receipt)
-                if parts is None:
-                    outcomes.append(STALE)
-                    continue
-                try:
-                    summary_json = pack_summary(summary)
-                except (TypeError, ValueError):
-                    outcomes.append(INVALID_SUMMARY)
-                    continue
-                cursor.execute(
-                    query("complete"),
-                    {"message_id": parts[0], "token": parts[1], "summary": summary_json},
-                )
-                row = cursor.fetchone()
-                assert row is not None
-                outcome = row[0]
-                recorded += outcome == "recorded"
-                acked += outcome in ("recorded", "acked")
-                outcomes.append(_COMPLETE_OUTCOMES[outcome])
+        asked: list[tuple[int, str, str, str]] = []  # (position, message id, token, summary)
+        for position, (receipt, summary) in enumerate(results):
+            parts = _parse_receipt(receipt)
+            if parts is None:
+                outcomes.append(STALE)
+                continue
+            try:
+                summary_json = pack_summary(summary)
+            except (TypeError, ValueError):
+                outcomes.append(INVALID_SUMMARY)
+                continue
+            outcomes.append("")  # answered below
+            asked.append((position, *parts, summary_json))
+        if not asked:
+            return outcomes
+        with self._connection() as connection:
+            rows = connection.execute(
+                query("complete_many"),
+                {
+                    "message_ids": [message_id for _, message_id, _, _ in asked],
+                    "tokens": [token for _, _, token, _ in asked],
+                    "summaries": [summary for _, _, _, summary in asked],
+                },
+            ).fetchall()
+        answers = [outcome for _, outcome in rows]
+        for (position, *_), answer in zip(asked, answers, strict=True):
+            outcomes[position] = _COMPLETE_OUTCOMES[answer]
         with self._totals_lock:
-            self._totals["processed"] += recorded
-            self._totals["acked"] += acked
+            self._totals["processed"] += answers.count("recorded")
+            self._totals["acked"] += answers.count("recorded") + answers.count("acked")
         return outcomes
 
     def ack(self, receipt: str) -> bool:
         message_id, token = self._receipt(receipt)
-        with self._transaction() as connection:
+        with self._connection() as connection:
             row = connection.execute(
                 query("complete"), {"message_id": message_id, "token": token, "summary": None}
             ).fetchone()
@@ -406,7 +411,7 @@ class PostgresBroker:
         delay = float(delay)
         if not math.isfinite(delay):
             raise ValueError(f"delay must be finite, not {delay}")
-        with self._transaction() as connection:
+        with self._connection() as connection:
             row = connection.execute(
                 query("nack"),
                 {
@@ -432,7 +437,7 @@ class PostgresBroker:
         seconds = float(seconds)
         if not (math.isfinite(seconds) and seconds > 0):
             raise ValueError(f"seconds must be a positive number of seconds, not {seconds}")
-        with self._transaction() as connection:
+        with self._connection() as connection:
             row = connection.execute(
                 query("extend"), {"message_id": message_id, "token": token, "seconds": seconds}
             ).fetchone()
@@ -443,7 +448,7 @@ class PostgresBroker:
     # -- operators ---------------------------------------------------------------------
 
     def message_info(self, message_id: str) -> MessageInfo:
-        with self._transaction() as connection:
+        with self._connection() as connection:
             row = connection.execute(
                 query("message_info"),
                 {"message_id": message_id, "max_deliveries": self._max_deliveries},
@@ -455,7 +460,7 @@ class PostgresBroker:
     def dead_letters(self, limit: int | None = None) -> list[MessageInfo]:
         if limit is not None and limit < 0:
             raise ValueError(f"limit must not be negative, not {limit}")
-        with self._transaction() as connection:
+        with self._connection() as connection:
             self._bury(connection)
             rows = connection.execute(query("dead_letters"), {"limit": limit}).fetchall()
         return [MessageInfo(*row) for row in rows]
@@ -468,7 +473,7 @@ class PostgresBroker:
         return self._redrive(None)
 
     def _redrive(self, message_id: str | None) -> int:
-        with self._transaction() as connection:
+        with self._connection() as connection:
             self._bury(connection)
             row = connection.execute(query("redrive"), {"message_id": message_id}).fetchone()
         assert row is not None
@@ -482,7 +487,7 @@ class PostgresBroker:
     def create_key(self, name: str, scopes: Sequence[str]) -> NewApiKey:
         name, chosen = parse_name(name), parse_scopes(scopes)
         row = None
-        with self._transaction() as connection:
+        with self._connection() as connection:
             while row is None:  # an id already taken gives no row: draw another
                 key_id = new_key_id()
                 secret = new_secret(key_id)
@@ -500,14 +505,14 @@ class PostgresBroker:
         return NewApiKey(key, secret)
 
     def list_keys(self) -> list[ApiKey]:
-        with self._transaction() as connection:
+        with self._connection() as connection:
             rows = connection.execute(query("api_keys")).fetchall()
         return [_api_key(row) for row in rows]
 
     def revoke_key(self, key_id: str) -> None:
         if not _is_text(key_id):
             raise ApiKeyNotFound(key_id)
-        with self._transaction() as connection:
+        with self._connection() as connection:
             row = connection.execute(query("revoke_api_key"), {"key_id": key_id}).fetchone()
         if row is None:
             raise ApiKeyNotFound(key_id)
@@ -521,7 +526,7 @@ class PostgresBroker:
         if now - self._last_sweep < SWEEP_SECONDS:
             return
         self._last_sweep = now
-        with self._transaction() as connection:
+        with self._connection() as connection:
             forgotten = connection.execute(query("forget_expired_keys")).rowcount
         if forgotten:
             log.info("forgot %d expired idempotency keys", forgotten)
@@ -533,13 +538,15 @@ class PostgresBroker:
             connection.execute(query("notify"))
 
     @contextlib.contextmanager
-    def _transaction(
+    def _connection(
         self, passing: tuple[type[BaseException], ...] = ()
     ) -> Iterator[psycopg.Connection[tuple[Any, ...]]]:
-        """One pooled connection in one transaction: committed on leaving, rolled back on error.
+        """A pooled connection in autocommit: each statement is its own transaction.
 
-        Database errors become the broker's own (see the module docstring);
-        ``passing`` names the ones the caller handles itself.
+        Every atomic step is one statement (a function in ``sql/migrations``),
+        so none needs BEGIN and COMMIT round trips. Database errors become the
+        broker's own (see the module docstring); ``passing`` names the ones the
+        caller handles itself.
         """
         try:
             with self._pool.connection() as connection:

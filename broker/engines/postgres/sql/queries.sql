@@ -14,11 +14,12 @@ SELECT 1;
 -- costs each broker one look at the queue.
 SELECT pg_notify('formulary_messages', '');
 
--- name: submit
-SELECT outcome, formula_id, name, materials, fingerprint, message_id, created_at
-  FROM formulary.submit(%(owner)s, %(key)s, %(body_digest)s, %(key_ttl)s, %(formula_id)s,
-                        %(name)s, %(materials)s::jsonb, %(fingerprint)s, %(message_id)s,
-                        %(capacity)s);
+-- name: submit_many
+SELECT ord, outcome, formula_id, name, materials, fingerprint, message_id, created_at
+  FROM formulary.submit_many(%(owners)s, %(keys)s, %(body_digests)s, %(key_ttl)s,
+                             %(formula_ids)s, %(names)s, %(materials)s::jsonb[],
+                             %(fingerprints)s, %(message_ids)s, %(capacity)s)
+ ORDER BY ord;
 
 -- name: formulas_by_id
 SELECT f.id, f.name, f.materials, f.fingerprint, f.message_id,
@@ -51,9 +52,6 @@ SELECT f.id, f.name, f.materials, f.fingerprint, f.message_id,
  ORDER BY f.seq DESC
  LIMIT %(limit)s;
 
--- name: count_deliveries
-UPDATE formulary.formulas f SET deliveries = f.deliveries + 1 WHERE f.id = ANY(%(ids)s);
-
 -- name: bury_expired
 SELECT formulary.bury_expired(%(max_deliveries)s);
 
@@ -70,6 +68,11 @@ SELECT extract(epoch FROM min(m.visible_at) - now())::double precision
 
 -- name: complete
 SELECT formulary.complete(%(message_id)s, %(token)s, %(summary)s::json);
+
+-- name: complete_many
+SELECT ord, outcome
+  FROM formulary.complete_many(%(message_ids)s, %(tokens)s, %(summaries)s::json[])
+ ORDER BY ord;
 
 -- name: nack
 SELECT formulary.nack(%(message_id)s, %(token)s, %(delay)s, %(max_deliveries)s);
