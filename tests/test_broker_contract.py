@@ -641,5 +641,5 @@ def test_a_key_past_its_burst_is_told_how_long_to_wait_and_others_are_not(open_b
     wait = broker.rate_limit("a")
     assert 0.0 < wait <= 0.5
     assert broker.rate_limit("b") == 0.0
-    time.sleep(wait + 0.05)
-    assert broker.rate_limit("a") == 0.0
+    # A refused call spends nothing, so asking again until the token is back is fair.
+    wait_for(lambda: broker.rate_limit("a") == 0.0, timeout=wait + 5, what="a token back")
