@@ -16,6 +16,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -367,3 +368,19 @@ def running_stack(durable: bool = False, **extra: str) -> Iterator[Stack]:
             raise
         finally:
             stack.stop()
+
+
+ACCESS = re.compile(r"api\.access \[(\d+)\] (.*)$")
+"""An access log line: the gunicorn worker's pid, then the line's fields."""
+
+
+def answered_by(stack: Stack) -> dict[str, int]:
+    """request_id -> pid of the gunicorn worker that answered it, from the access lines."""
+    found: dict[str, int] = {}
+    for line in stack.api.output().splitlines():
+        match = ACCESS.search(line)
+        if match:
+            request_id = re.search(r"request_id=(\S+)", match.group(2))
+            if request_id:
+                found[request_id.group(1)] = int(match.group(1))
+    return found

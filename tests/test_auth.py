@@ -16,7 +16,6 @@ import importlib.util
 import itertools
 import json
 import logging
-import re
 import stat
 import subprocess
 import sys
@@ -41,7 +40,16 @@ from broker.errors import BrokerUnavailable
 from broker.interface import ApiKey
 from broker.settings import Settings
 from tests.conftest import FakeClock
-from tests.support import ROOT, SUMMER, Http, Response, Stack, running_stack, wait_for
+from tests.support import (
+    ROOT,
+    SUMMER,
+    Http,
+    Response,
+    Stack,
+    answered_by,
+    running_stack,
+    wait_for,
+)
 from tests.test_openapi import CHECKS
 
 REQUIRED = Settings(auth="required")
@@ -404,8 +412,6 @@ def test_metrics_count_refusals_by_status_and_reason_and_requests_by_key_id(clie
 
 # -- with the real processes ---------------------------------------------------------
 
-ACCESS = re.compile(r"api\.access \[(\d+)\] (.*)$")
-
 
 class KeyedStack:
     """A stack under ``FORMULARY_AUTH=required`` that remembers every secret it made."""
@@ -445,18 +451,6 @@ def keyed() -> Iterator[KeyedStack]:
         # Whatever ran in this module: no secret in any process's log.
         logs = stack.logs()
         assert all(secret not in logs for secret in keyed.secrets if secret)
-
-
-def answered_by(stack: Stack) -> dict[str, int]:
-    """request_id -> pid of the gunicorn worker that answered it, from the access lines."""
-    found: dict[str, int] = {}
-    for line in stack.api.output().splitlines():
-        match = ACCESS.search(line)
-        if match:
-            request_id = re.search(r"request_id=(\S+)", match.group(2))
-            if request_id:
-                found[request_id.group(1)] = int(match.group(1))
-    return found
 
 
 def challenge(response: Response) -> str | None:

@@ -26,7 +26,7 @@ from api.middleware import logfmt
 from broker.engines.embedded import EmbeddedBroker
 from broker.errors import BrokerUnavailable
 from broker.settings import Settings
-from tests.support import SUMMER, Stack, running_stack, wait_for
+from tests.support import SUMMER, Stack, answered_by, running_stack, wait_for
 
 AUTH_OFF = Settings(auth="off")  # tests/test_auth.py builds apps with keys
 
@@ -245,8 +245,6 @@ def test_access_values_with_spaces_or_quotes_are_quoted() -> None:
 
 # -- with the real processes ---------------------------------------------------------
 
-ACCESS = re.compile(r"api\.access \[(\d+)\] (.*)$")
-
 
 @pytest.fixture(scope="module")
 def stack() -> Iterator[Stack]:
@@ -254,18 +252,6 @@ def stack() -> Iterator[Stack]:
     with running_stack(FORMULARY_LOG_LEVEL="INFO") as stack:
         stack.start_worker()
         yield stack
-
-
-def answered_by(stack: Stack) -> dict[str, int]:
-    """request_id -> pid of the gunicorn worker that answered it, from the access lines."""
-    found: dict[str, int] = {}
-    for line in stack.api.output().splitlines():
-        match = ACCESS.search(line)
-        if match:
-            request_id = re.search(r"request_id=(\S+)", match.group(2))
-            if request_id:
-                found[request_id.group(1)] = int(match.group(1))
-    return found
 
 
 @pytest.mark.processes
