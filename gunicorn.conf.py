@@ -42,7 +42,9 @@ reuse_port = not _settings.bind.startswith("unix:")
 # The broker client waits on sockets and locks gevent patches, so requests in
 # flight share broker round trips (submits go together in one submit_many).
 # The broker process does the real work, so one worker per core suffices.
-worker_class = "gevent"
+# api.gunicorn_worker.Worker is gunicorn's gevent worker, except that a stop
+# does not wait out idle keep-alive connections.
+worker_class = "api.gunicorn_worker.Worker"
 workers = _settings.web_workers
 worker_connections = _settings.web_connections
 timeout = 30

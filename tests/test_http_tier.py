@@ -9,6 +9,7 @@ either serves the next request or was closed with ``Connection: close``.
 from __future__ import annotations
 
 import contextlib
+import http.client
 import socket
 import statistics
 import time
@@ -126,6 +127,27 @@ def test_idle_keep_alive_connections_cost_no_thread(stack) -> None:
     finally:
         for sock in idle:
             sock.close()
+
+
+def test_a_stop_closes_idle_keep_alive_connections_instead_of_waiting_them_out() -> None:
+    # Keep-alive (60 s) longer than gunicorn's graceful timeout (10 s): a stop
+    # that waited for idle connections would take the whole 10 s.
+    with running_stack(FORMULARY_READ_TIMEOUT="60") as stack:
+        idle = []
+        for _ in range(8):
+            connection = http.client.HTTPConnection("127.0.0.1", stack.env.port, timeout=30)
+            connection.request("GET", "/health")
+            answer = connection.getresponse()
+            assert answer.status == 200 and answer.read()
+            idle.append(connection)
+        stopping = time.monotonic()
+        assert stack.api.stop() == 0
+        assert time.monotonic() - stopping < 5, "the stop waited for idle connections"
+        for connection in idle:
+            assert connection.sock is not None
+            assert answer_or_close(connection.sock) == b""  # closed cleanly, nothing owed
+            connection.close()
+        assert "graceful timeout" not in stack.api.output().lower()
 
 
 # -- keep-alive after errors ------------------------------------------------------------
