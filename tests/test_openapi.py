@@ -196,6 +196,7 @@ def test_every_documented_answer_the_live_api_gives_matches_its_schema(stack, li
     answer(live_schema, "/formulas", "post", 422, body=OTHER, headers=key)
     answer(live_schema, "/formulas", "post", 400, body={"name": "x"})
     answer(live_schema, "/formulas", "post", 400, body=OTHER, headers={"Idempotency-Key": '""'})
+    answer(live_schema, "/formulas", "post", (202, 409), body=OTHER)  # a second page's worth
 
     page = answer(live_schema, "/formulas", "get", 200, query={"limit": 1}).json()
     assert page["items"] and page["next"]
