@@ -77,6 +77,9 @@ def pytest_collection_modifyitems(items: list[Item]) -> None:
     for item in items:
         if "postgres_server" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.postgres)
+    # Slow tests first: under `-n` (pytest-xdist) they start at once, on
+    # different processes, instead of one of them running alone at the end.
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)

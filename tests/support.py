@@ -246,11 +246,16 @@ class Process:
             return None
         if self.alive():
             self.signal(signal.SIGTERM)
-            try:
-                return self.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-        return self.popen.wait()
+        return self.finish(timeout)
+
+    def finish(self, timeout: float = 30.0) -> int:
+        """Its exit code once it exits (a stop was asked for), or killed after ``timeout``."""
+        assert self.popen is not None
+        try:
+            return self.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.popen.kill()
+            return self.popen.wait()
 
     def output(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
@@ -345,9 +350,13 @@ class Stack:
         return BrokerClient(self.env.settings())
 
     def stop(self) -> None:
-        for worker in self.workers:
-            worker.stop()
-        self.api.stop()
+        # Workers and gunicorn are asked together, once each (a worker takes a
+        # second signal as "exit now"), then the broker they talk to.
+        clients = [p for p in (*self.workers, self.api) if p.alive()]
+        for process in clients:
+            process.signal(signal.SIGTERM)
+        for process in clients:
+            process.finish()
         self.broker.stop()
 
     def logs(self) -> str:

@@ -40,6 +40,7 @@ def test_a_missing_peers_directory_is_a_clear_error_not_a_run(tmp_path: Path) ->
 
 
 @pytest.mark.processes
+@pytest.mark.slow
 def test_the_short_peers_run_exits_0_and_prints_a_row_per_server(tmp_path: Path) -> None:
     # The no-op, Formulary on its journal, and one Flask peer (two if redis is here):
     # enough to see every kind of server start, take load and stop.

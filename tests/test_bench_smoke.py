@@ -26,6 +26,7 @@ ROWS = (
 
 
 @pytest.mark.processes
+@pytest.mark.slow
 def test_the_smoke_benchmark_exits_0_and_prints_every_scenario_row(tmp_path: Path) -> None:
     done = subprocess.run(
         [sys.executable, "-m", "bench", "--smoke", "--out", str(tmp_path / "smoke.json")],

@@ -187,6 +187,7 @@ def error_requests(stack: Stack) -> dict[int, tuple[str, str, dict[str, str], by
     }
 
 
+@pytest.mark.slow
 def test_after_any_error_answer_the_connection_serves_the_next_request_or_was_closed(
     stack,
 ) -> None:

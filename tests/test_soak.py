@@ -119,6 +119,7 @@ def row_value(table: str, name: str) -> str:
 
 
 @pytest.mark.processes
+@pytest.mark.slow
 def test_a_30_second_soak_loses_nothing_stores_nothing_twice_and_recovers_from_each_kill(
     tmp_path: Path,
 ) -> None:
