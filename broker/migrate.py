@@ -47,10 +47,10 @@ from typing import Final, NoReturn, TextIO, TypeVar
 from broker.engines import POSTGRESQL_SCHEMES, EngineError
 from broker.engines.portable import (
     Holdings,
+    Records,
     Refused,
     Source,
     Target,
-    TargetNotEmpty,
     open_source,
     open_target,
 )
@@ -148,16 +148,16 @@ def _rate(done: int, seconds: float) -> str:
 
 def copy(source: Source, target: Target, progress: Progress, *, batch: int = BATCH) -> Holdings:
     """Copy everything ``source`` holds into the empty ``target``; returns what was copied."""
-    found = target.holdings()
-    if not found.empty:
-        raise TargetNotEmpty(target.where, found)
+    target.holdings().require_empty(target.where)
     holdings = replace(source.holdings(), expired_keys=0)
     progress.say(f"copying {source.where} -> {target.where}: {holdings}")
     target.import_all(
-        progress.track("formulas", holdings.formulas, source.formulas(batch)),
-        progress.track("idempotency keys", holdings.keys, source.keys(batch)),
-        progress.track("messages", holdings.messages, source.messages(batch)),
-        progress.track("API keys", holdings.api_keys, source.api_keys(batch)),
+        Records(
+            formulas=progress.track("formulas", holdings.formulas, source.formulas(batch)),
+            keys=progress.track("idempotency keys", holdings.keys, source.keys(batch)),
+            messages=progress.track("messages", holdings.messages, source.messages(batch)),
+            api_keys=progress.track("API keys", holdings.api_keys, source.api_keys(batch)),
+        )
     )
     return holdings
 

@@ -39,13 +39,12 @@ from broker.engines.embedded.changes import (
 )
 from broker.engines.embedded.idempotency import Remembered
 from broker.engines.embedded.journal import (
-    _SCHEMA_V1,
-    MIGRATIONS,
     JournalError,
     MemoryJournal,
     SqliteJournal,
     open_journal,
 )
+from broker.engines.embedded.journal_sql import MIGRATIONS, SCHEMA_V1
 from broker.engines.embedded.store import FormulaRecord, pack_materials
 from broker.engines.shared import pack_summary
 from broker.formula import Material
@@ -378,7 +377,7 @@ def test_a_version_3_file_without_its_api_keys_table_is_refused(path: Path) -> N
 def test_a_version_1_file_is_migrated_and_its_keys_name_their_formulas(path: Path) -> None:
     # A journal as Formulary wrote it before keys stopped keeping whole answers.
     conn = sqlite3.connect(path)
-    for statement in _SCHEMA_V1:
+    for statement in SCHEMA_V1:
         conn.execute(statement)
     conn.execute("PRAGMA user_version = 1")
     a = record(1)

@@ -27,7 +27,7 @@ from broker.engines import Engine, open_engine
 from broker.engines.embedded.changes import StoreFormula
 from broker.engines.embedded.journal import SqliteJournal
 from broker.engines.embedded.store import FormulaRecord, pack_materials
-from broker.engines.portable import open_source, open_target
+from broker.engines.portable import Records, open_source, open_target
 from broker.errors import DuplicateFormula, IdempotencyKeyReused, QueueFull
 from broker.formula import FormulaDraft, Material, fingerprint
 from broker.interface import (
@@ -437,10 +437,12 @@ def test_an_import_that_fails_partway_leaves_the_target_empty_for_a_rerun(
     try:
         with pytest.raises(OSError, match="disk went away"):
             target.import_all(
-                failing_after(source.formulas(1), 3),
-                source.keys(1),
-                source.messages(1),
-                source.api_keys(1),
+                Records(
+                    formulas=failing_after(source.formulas(1), 3),
+                    keys=source.keys(1),
+                    messages=source.messages(1),
+                    api_keys=source.api_keys(1),
+                )
             )
         assert target.holdings().empty
     finally:

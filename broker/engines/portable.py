@@ -7,7 +7,8 @@ clients' ids and ``Location`` paths keep working on the target, and API keys
 cross with their secrets' digests, so every client's secret keeps working.
 
 Each engine offers a :class:`Source` (what it holds, counted and iterated in
-batches) and a :class:`Target` (what it holds, and one all-or-nothing import).
+batches) and a :class:`Target` (what it holds, and one all-or-nothing import
+of :class:`Records`).
 Neither is part of ``broker.interface``: a copy runs with the brokers
 stopped, straight on the engine's files or database, never through the
 manager. Engines are imported only when one is opened.
@@ -28,6 +29,7 @@ __all__ = [
     "Holdings",
     "KeyState",
     "MessageState",
+    "Records",
     "Refused",
     "Source",
     "Target",
@@ -119,6 +121,12 @@ class Holdings:
     def empty(self) -> bool:
         return not any(getattr(self, f.name) for f in fields(self))
 
+    def require_empty(self, where: str) -> None:
+        """``TargetNotEmpty`` unless ``where`` (a target) holds nothing: a copy never mixes two
+        deployments."""
+        if not self.empty:
+            raise TargetNotEmpty(where, self)
+
     def __str__(self) -> str:
         messages = _count(self.messages, "message")
         if self.dead:
@@ -131,6 +139,19 @@ class Holdings:
             _count(self.api_keys, "API key"),
         ]
         return ", ".join(part for part in parts if part) or "nothing"
+
+
+@dataclass(frozen=True, slots=True)
+class Records:
+    """A whole deployment as a copy carries it: every kind of record, in batches.
+
+    Each is consumed once, as the target writes it; see ``Source`` for the order.
+    """
+
+    formulas: Iterable[Sequence[FormulaState]]
+    keys: Iterable[Sequence[KeyState]]
+    messages: Iterable[Sequence[MessageState]]
+    api_keys: Iterable[Sequence[ApiKeyState]]
 
 
 def _count(number: int, noun: str) -> str:
@@ -174,13 +195,7 @@ class Target(Protocol):
     def holdings(self) -> Holdings:
         """What it holds; a copy goes only into an engine that holds nothing."""
 
-    def import_all(
-        self,
-        formulas: Iterable[Sequence[FormulaState]],
-        keys: Iterable[Sequence[KeyState]],
-        messages: Iterable[Sequence[MessageState]],
-        api_keys: Iterable[Sequence[ApiKeyState]],
-    ) -> None:
+    def import_all(self, records: Records) -> None:
         """Store every record, all in one transaction, or none of them and raise.
 
         The batches are consumed as they are written, in whatever order the

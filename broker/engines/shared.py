@@ -1,4 +1,9 @@
-"""What every engine does the same way: new ids, and a handler's summary as JSON text."""
+"""What every engine does the same way.
+
+New ids, a handler's summary as JSON text, listing cursors, the token
+buckets of ``FORMULARY_RATE_LIMIT``, and :class:`EngineCalls`: the broker
+calls that both engines answer alike, over the engine's own batch calls.
+"""
 
 from __future__ import annotations
 
@@ -8,15 +13,34 @@ import json
 import secrets
 import threading
 import time
-from collections.abc import Callable, Mapping
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping, Sequence
 from decimal import Decimal
-from typing import Any
+from typing import Any, Final
 
 import simplejson
 
-from broker.errors import InvalidCursor
+from broker.errors import FormulaNotFound, InvalidCursor, InvalidSummary, StaleReceipt
+from broker.formula import FormulaDraft
+from broker.interface import (
+    COMPLETED,
+    INVALID_SUMMARY,
+    MAX_PAGE,
+    STALE,
+    Delivery,
+    FormulaPage,
+    FormulaView,
+    IdempotencyKey,
+    Submission,
+    SubmitOutcome,
+    SubmitRequest,
+    unwrap,
+)
 
 __all__ = [
+    "MAX_BATCH",
+    "MAX_WAIT_SECONDS",
+    "EngineCalls",
     "TokenBuckets",
     "decode_cursor",
     "encode_cursor",
@@ -117,3 +141,79 @@ class TokenBuckets:
         ]
         for key in full:
             del self._buckets[key]
+
+
+MAX_BATCH: Final = 100
+"""Most messages one ``receive`` leases."""
+MAX_WAIT_SECONDS: Final = 60.0
+"""Longest one ``receive`` waits for a message."""
+
+
+class EngineCalls(ABC):
+    """The broker calls both engines answer alike, each over one of the engine's own.
+
+    ``submit``, ``complete`` and ``get_formula`` are the batch call for one
+    item; ``receive`` and ``list_formulas`` check or bound their arguments,
+    then call the engine's ``_receive`` and ``_page``; ``rate_limit`` spends
+    from ``_buckets`` (None: no limit).
+    """
+
+    _buckets: TokenBuckets | None
+
+    @abstractmethod
+    def submit_many(self, requests: Sequence[SubmitRequest]) -> list[SubmitOutcome]: ...
+
+    @abstractmethod
+    def complete_many(self, results: Sequence[tuple[str, Mapping[str, Any]]]) -> list[str]: ...
+
+    @abstractmethod
+    def get_formulas(self, formula_ids: Sequence[str]) -> list[FormulaView | None]: ...
+
+    @abstractmethod
+    def _page(self, limit: int, cursor: str | None) -> FormulaPage:
+        """Up to ``limit`` formulas (1 to ``MAX_PAGE``), newest first, after ``cursor``."""
+
+    @abstractmethod
+    def _receive(
+        self, consumer: str, max_messages: int, visibility_timeout: float | None, wait: float
+    ) -> list[Delivery]:
+        """Lease up to ``max_messages`` (1 to ``MAX_BATCH``), waiting up to ``wait`` seconds."""
+
+    def rate_limit(self, key_id: str) -> float:
+        return 0.0 if self._buckets is None else self._buckets.spend(key_id)
+
+    def submit(self, draft: FormulaDraft, idempotency: IdempotencyKey | None = None) -> Submission:
+        [outcome] = self.submit_many([(draft, idempotency)])
+        return unwrap(outcome)
+
+    def list_formulas(self, limit: int, cursor: str | None = None) -> FormulaPage:
+        if not 1 <= limit <= MAX_PAGE:
+            raise ValueError(f"limit must be between 1 and {MAX_PAGE}")
+        return self._page(limit, cursor)
+
+    def get_formula(self, formula_id: str) -> FormulaView:
+        [found] = self.get_formulas([formula_id])
+        if found is None:
+            raise FormulaNotFound(formula_id)
+        return found
+
+    # The signature repeats the Protocol's (broker.interface.ConsumerBroker.receive):
+    # this is its one implementation, for both engines.
+    def receive(
+        self,
+        consumer: str,
+        max_messages: int = 1,
+        visibility_timeout: float | None = None,
+        wait_seconds: float = 0.0,
+    ) -> list[Delivery]:
+        max_messages = max(1, min(int(max_messages), MAX_BATCH))
+        wait_seconds = max(0.0, min(float(wait_seconds), MAX_WAIT_SECONDS))
+        return self._receive(consumer, max_messages, visibility_timeout, wait_seconds)
+
+    def complete(self, receipt: str, summary: Mapping[str, Any]) -> bool:
+        [outcome] = self.complete_many([(receipt, summary)])
+        if outcome == STALE:
+            raise StaleReceipt(receipt)
+        if outcome == INVALID_SUMMARY:
+            raise InvalidSummary("JSON cannot hold this summary")
+        return outcome == COMPLETED

@@ -5,7 +5,8 @@ around everything); the submit path is in ``admission``; the state lives in
 ``store`` (formulas and the dedupe index), ``queue`` (leases, redelivery,
 dead letters), ``idempotency`` (remembered answers) and ``apikeys`` (who may
 call); ``journal`` writes each atomic step's ``changes`` to an SQLite file
-and gives them back on start.
+(its schema and statements in ``journal_sql``) and gives them back on start,
+where ``recovery`` rebuilds the state from them.
 """
 
 from __future__ import annotations

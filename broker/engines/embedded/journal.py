@@ -21,8 +21,9 @@ A transaction is all or nothing in every case. The file is opened in exclusive
 locking mode and the write lock is held until :meth:`SqliteJournal.close`, so a
 second broker on the same file is refused instead of splitting the state.
 
-Schema (version 3, ``PRAGMA user_version``; ``MIGRATIONS`` brings older
-files forward): ``formulas`` in submit order (``seq``), with materials as the
+Schema (version 3, ``PRAGMA user_version``; ``journal_sql`` holds it, the
+``MIGRATIONS`` that bring older files forward, and the statements each
+change becomes): ``formulas`` in submit order (``seq``), with materials as the
 record's packed ``name<TAB>decimal<TAB>...`` text (``store.pack_materials``)
 and the summary as JSON whose numbers are exact decimals (whole numbers come
 back as ``int``); ``messages`` whose ``ord`` (the rowid) is bumped on bury
@@ -43,33 +44,18 @@ Measured figures are in ``bench/README.md``.
 from __future__ import annotations
 
 import gc
-import itertools
-import json
 import logging
 import os
 import sqlite3
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Final, Protocol
 
 from broker.engines import EngineError
 from broker.engines.embedded.apikeys import ApiKeyRecord
-from broker.engines.embedded.changes import (
-    BuryMessage,
-    Change,
-    CountDelivery,
-    CreateApiKey,
-    DeleteMessage,
-    ForgetKeys,
-    RecordResult,
-    Recovered,
-    RecoveredMessage,
-    RedriveMessage,
-    RememberKey,
-    RevokeApiKey,
-    StoreFormula,
-)
+from broker.engines.embedded.changes import Change, Recovered, RecoveredMessage
 from broker.engines.embedded.idempotency import Remembered
+from broker.engines.embedded.journal_sql import MIGRATIONS, TABLES, TABLES_SINCE, Step, plan
 from broker.engines.embedded.store import FormulaRecord
 
 log = logging.getLogger(__name__)
@@ -83,6 +69,7 @@ __all__ = [
 ]
 
 MEMORY: Final = ":memory:"
+_SYNCHRONOUS: Final = ("OFF", "NORMAL", "FULL", "EXTRA")
 
 
 class JournalError(EngineError):
@@ -127,134 +114,6 @@ def open_journal(data: str) -> Journal:
     if data == MEMORY:
         return MemoryJournal()
     return SqliteJournal(data)
-
-
-# -- schema ----------------------------------------------------------------------
-
-_SCHEMA_V1 = (
-    # seq is the rowid: submit order is the table's own order.
-    """CREATE TABLE formulas (
-        seq INTEGER PRIMARY KEY,
-        id TEXT NOT NULL UNIQUE,
-        name TEXT NOT NULL,
-        materials TEXT NOT NULL,
-        fingerprint TEXT NOT NULL,
-        message_id TEXT NOT NULL,
-        created_at REAL NOT NULL,
-        deliveries INTEGER NOT NULL,
-        processed_at REAL,
-        summary TEXT
-    )""",
-    # ord is the rowid: moving a message to the back is giving it a new rowid.
-    """CREATE TABLE messages (
-        ord INTEGER PRIMARY KEY,
-        message_id TEXT NOT NULL UNIQUE,
-        formula_id TEXT NOT NULL,
-        deliveries INTEGER NOT NULL,
-        dead INTEGER NOT NULL
-    )""",
-    # A key may be recorded again after it expired, so key is not unique here.
-    """CREATE TABLE keys (
-        seq INTEGER PRIMARY KEY,
-        key TEXT NOT NULL,
-        body_digest TEXT NOT NULL,
-        expires_at REAL NOT NULL,
-        outcome TEXT NOT NULL
-    )""",
-    "CREATE INDEX keys_by_expiry ON keys (expires_at)",
-)
-
-
-def _create_v1(conn: sqlite3.Connection) -> None:
-    for statement in _SCHEMA_V1:
-        conn.execute(statement)
-
-
-def _keys_name_their_formula(conn: sqlite3.Connection) -> None:
-    """v1 -> v2: a key keeps the id of the formula its answer named, not the whole answer."""
-    conn.execute(
-        """CREATE TABLE keys_v2 (
-            seq INTEGER PRIMARY KEY,
-            key TEXT NOT NULL,
-            body_digest TEXT NOT NULL,
-            expires_at REAL NOT NULL,
-            formula_id TEXT NOT NULL,
-            duplicate INTEGER NOT NULL
-        )"""
-    )
-    rows = []
-    for seq, key, digest, expires_at, outcome in conn.execute(
-        "SELECT seq, key, body_digest, expires_at, outcome FROM keys ORDER BY seq"
-    ):
-        answer = json.loads(outcome)
-        duplicate = answer["kind"] == "duplicate"
-        formula_id = answer["existing_id"] if duplicate else answer["formula"]["id"]
-        rows.append((seq, key, digest, expires_at, formula_id, int(duplicate)))
-    conn.executemany("INSERT INTO keys_v2 VALUES (?, ?, ?, ?, ?, ?)", rows)
-    conn.execute("DROP TABLE keys")
-    conn.execute("ALTER TABLE keys_v2 RENAME TO keys")
-    conn.execute("CREATE INDEX keys_by_expiry ON keys (expires_at)")
-
-
-def _api_keys(conn: sqlite3.Connection) -> None:
-    """v2 -> v3: API keys, and each idempotency key's owner (``''``: no API key)."""
-    # The rowid keeps the order the keys were made in.
-    conn.execute(
-        """CREATE TABLE api_keys (
-            id TEXT PRIMARY KEY,
-            name TEXT NOT NULL,
-            scopes TEXT NOT NULL,
-            secret_digest TEXT NOT NULL,
-            created_at REAL NOT NULL,
-            revoked_at REAL
-        )"""
-    )
-    conn.execute("ALTER TABLE keys ADD COLUMN owner TEXT NOT NULL DEFAULT ''")
-
-
-MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {
-    0: _create_v1,
-    1: _keys_name_their_formula,
-    2: _api_keys,
-}
-"""``{version: step}``: each step turns a file of that version into the next one."""
-
-_TABLES = frozenset({"formulas", "messages", "keys"})
-_TABLES_SINCE: dict[int, frozenset[str]] = {3: frozenset({"api_keys"})}
-"""Tables a file of that version or later must have, beyond ``_TABLES``."""
-_SYNCHRONOUS = ("OFF", "NORMAL", "FULL", "EXTRA")
-
-_INSERT_FORMULA = (
-    "INSERT INTO formulas (id, name, materials, fingerprint, message_id, created_at,"
-    " deliveries, processed_at, summary) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
-)
-_INSERT_MESSAGE = (
-    "INSERT INTO messages (message_id, formula_id, deliveries, dead) VALUES (?, ?, 0, 0)"
-)
-_INSERT_KEY = (
-    "INSERT INTO keys (key, body_digest, expires_at, formula_id, duplicate, owner)"
-    " VALUES (?, ?, ?, ?, ?, ?)"
-)
-_COUNT_MESSAGE = "UPDATE messages SET deliveries = ? WHERE message_id = ?"
-_COUNT_FORMULA = "UPDATE formulas SET deliveries = ? WHERE id = ?"
-_RECORD_RESULT = (
-    "UPDATE formulas SET processed_at = ?, summary = ? WHERE id = ? AND processed_at IS NULL"
-)
-_DELETE_MESSAGE = "DELETE FROM messages WHERE message_id = ?"
-# Evaluated per row, so an executemany gives each message the next position.
-_BURY = (
-    "UPDATE messages SET dead = 1, ord = (SELECT MAX(ord) FROM messages) + 1 WHERE message_id = ?"
-)
-_REDRIVE = (
-    "UPDATE messages SET dead = 0, deliveries = 0, ord = (SELECT MAX(ord) FROM messages) + 1"
-    " WHERE message_id = ?"
-)
-_FORGET_KEYS = "DELETE FROM keys WHERE expires_at <= ?"
-_INSERT_API_KEY = (
-    "INSERT INTO api_keys (id, name, scopes, secret_digest, created_at, revoked_at)"
-    " VALUES (?, ?, ?, ?, ?, ?)"
-)
-_REVOKE_API_KEY = "UPDATE api_keys SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL"
 
 
 # -- the SQLite journal ---------------------------------------------------------------
@@ -330,8 +189,8 @@ class SqliteJournal:
                 f"{self.path} is an SQLite database of another program, not a "
                 "Formulary journal; point FORMULARY_DATA at another file"
             )
-        expected = _TABLES.union(
-            *(names for since, names in _TABLES_SINCE.items() if version >= since)
+        expected = TABLES.union(
+            *(names for since, names in TABLES_SINCE.items() if version >= since)
         )
         missing = expected - tables
         if version and missing:
@@ -386,20 +245,10 @@ class SqliteJournal:
             return
         conn = self._connection()
         try:
-            steps = _plan(changes)
+            steps = plan(changes)
         except (TypeError, ValueError) as exc:
             raise JournalError(f"cannot journal these changes: {exc}") from exc
-        try:
-            conn.execute("BEGIN IMMEDIATE")
-            for sql, rows in steps:
-                conn.executemany(sql, rows)
-            conn.execute("COMMIT")
-        except BaseException as exc:
-            self._roll_back(conn)
-            # ValueError: a string SQLite cannot store (a lone surrogate).
-            if isinstance(exc, sqlite3.Error | ValueError):
-                raise JournalError(f"could not write to the journal {self.path}: {exc}") from exc
-            raise
+        self._transaction(conn, [steps])
 
     def write_batches(self, batches: Iterable[Sequence[Change]]) -> None:
         """Apply every batch of changes in order, all in one transaction.
@@ -410,10 +259,14 @@ class SqliteJournal:
         batch rolls everything back and propagates as it is.
         """
         conn = self._connection()
+        self._transaction(conn, (plan(batch) for batch in batches))
+
+    def _transaction(self, conn: sqlite3.Connection, plans: Iterable[list[Step]]) -> None:
+        """Every step of ``plans`` in one transaction: all of them, or none and raise."""
         try:
             conn.execute("BEGIN IMMEDIATE")
-            for changes in batches:
-                for sql, rows in _plan(changes):
+            for steps in plans:
+                for sql, rows in steps:
                     conn.executemany(sql, rows)
             conn.execute("COMMIT")
         except BaseException as exc:
@@ -512,120 +365,8 @@ def _load_messages(
     return live
 
 
-# -- writing -------------------------------------------------------------------------
-
-_Step = tuple[str, list[tuple[Any, ...]]]
-
-
-def _plan(changes: Sequence[Change]) -> list[_Step]:
-    """The statements for ``changes``: each run of one kind is one step per table.
-
-    Within a run the statements of different tables are independent, so doing
-    one table's rows before the next table's keeps the changes' meaning.
-    """
-    steps: list[_Step] = []
-    for kind, run in itertools.groupby(changes, type):
-        plan = _PLANS.get(kind)
-        if plan is None:
-            raise TypeError(f"not a journal change: {kind.__name__}")
-        steps.extend(plan(list(run)))
-    return steps
-
-
-def _plan_store(run: list[Any]) -> list[_Step]:
-    records: list[FormulaRecord] = [change.record for change in run]
-    formulas = [
-        (
-            r.formula_id,
-            r.name,
-            r.packed_materials,
-            r.fingerprint,
-            r.message_id,
-            r.created_at,
-            r.deliveries,
-            r.processed_at,
-            r.summary_json,
-        )
-        for r in records
-    ]
-    messages = [(r.message_id, r.formula_id) for r in records]
-    return [(_INSERT_FORMULA, formulas), (_INSERT_MESSAGE, messages)]
-
-
-def _plan_remember(run: list[Any]) -> list[_Step]:
-    keys: list[Remembered] = [change.remembered for change in run]
-    rows = [(k.key, k.body_digest, k.expires_at, k.formula_id, k.duplicate, k.owner) for k in keys]
-    return [(_INSERT_KEY, rows)]
-
-
-def _plan_count(run: list[Any]) -> list[_Step]:
-    counts: list[CountDelivery] = run
-    return [
-        (_COUNT_MESSAGE, [(c.message_deliveries, c.message_id) for c in counts]),
-        (_COUNT_FORMULA, [(c.formula_deliveries, c.formula_id) for c in counts]),
-    ]
-
-
-def _plan_result(run: list[Any]) -> list[_Step]:
-    results: list[RecordResult] = run
-    return [
-        (
-            _RECORD_RESULT,
-            [(r.processed_at, r.summary_json, r.formula_id) for r in results],
-        ),
-        (_DELETE_MESSAGE, [(r.message_id,) for r in results]),
-    ]
-
-
-def _plan_by_message(sql: str) -> Callable[[list[Any]], list[_Step]]:
-    def plan(run: list[Any]) -> list[_Step]:
-        return [(sql, [(change.message_id,) for change in run])]
-
-    return plan
-
-
-def _plan_forget(run: list[Any]) -> list[_Step]:
-    forgets: list[ForgetKeys] = run
-    return [(_FORGET_KEYS, [(f.before,) for f in forgets])]
-
-
-def _plan_create_api_key(run: list[Any]) -> list[_Step]:
-    records: list[ApiKeyRecord] = [change.record for change in run]
-    rows = [
-        (
-            r.key_id,
-            r.name,
-            ",".join(r.scopes),
-            r.secret_digest,
-            r.created_at,
-            r.revoked_at,
-        )
-        for r in records
-    ]
-    return [(_INSERT_API_KEY, rows)]
-
-
-def _plan_revoke_api_key(run: list[Any]) -> list[_Step]:
-    revokes: list[RevokeApiKey] = run
-    return [(_REVOKE_API_KEY, [(r.revoked_at, r.key_id) for r in revokes])]
-
-
 def _split_scopes(text: str) -> tuple[str, ...]:
     return tuple(text.split(",")) if text else ()
-
-
-_PLANS: dict[type, Callable[[list[Any]], list[_Step]]] = {
-    StoreFormula: _plan_store,
-    RememberKey: _plan_remember,
-    CountDelivery: _plan_count,
-    RecordResult: _plan_result,
-    DeleteMessage: _plan_by_message(_DELETE_MESSAGE),
-    BuryMessage: _plan_by_message(_BURY),
-    RedriveMessage: _plan_by_message(_REDRIVE),
-    ForgetKeys: _plan_forget,
-    CreateApiKey: _plan_create_api_key,
-    RevokeApiKey: _plan_revoke_api_key,
-}
 
 
 # -- opening ---------------------------------------------------------------------------

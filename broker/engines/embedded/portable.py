@@ -27,11 +27,11 @@ memory (nothing is kept for a processed formula).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TypeVar
 
-from broker.engines import EngineError
+from broker.engines import EngineError, portable
 from broker.engines.embedded.apikeys import ApiKeyRecord
 from broker.engines.embedded.changes import (
     BuryMessage,
@@ -47,14 +47,6 @@ from broker.engines.embedded.changes import (
 from broker.engines.embedded.idempotency import Remembered
 from broker.engines.embedded.journal import SqliteJournal
 from broker.engines.embedded.store import FormulaRecord
-from broker.engines.portable import (
-    ApiKeyState,
-    FormulaState,
-    Holdings,
-    KeyState,
-    MessageState,
-    TargetNotEmpty,
-)
 
 __all__ = ["EmbeddedPortable", "open_source", "open_target"]
 
@@ -95,10 +87,10 @@ class EmbeddedPortable:
 
     # -- reading ---------------------------------------------------------------------
 
-    def holdings(self) -> Holdings:
+    def holdings(self) -> portable.Holdings:
         state = self._state()
         alive = len(self._alive_keys())
-        return Holdings(
+        return portable.Holdings(
             formulas=len(state.formulas),
             keys=alive,
             expired_keys=len(state.keys) - alive,
@@ -107,10 +99,10 @@ class EmbeddedPortable:
             api_keys=len(state.api_keys),
         )
 
-    def formulas(self, batch: int) -> Iterator[list[FormulaState]]:
+    def formulas(self, batch: int) -> Iterator[list[portable.FormulaState]]:
         for chunk in _chunks(self._state().formulas, batch):
             yield [
-                FormulaState(
+                portable.FormulaState(
                     formula_id=r.formula_id,
                     name=r.name,
                     materials=_unpack(r.packed_materials),
@@ -124,24 +116,30 @@ class EmbeddedPortable:
                 for r in chunk
             ]
 
-    def keys(self, batch: int) -> Iterator[list[KeyState]]:
+    def keys(self, batch: int) -> Iterator[list[portable.KeyState]]:
         for chunk in _chunks(self._alive_keys(), batch):
             yield [
-                KeyState(k.key, k.body_digest, k.formula_id, k.duplicate, k.expires_at, k.owner)
+                portable.KeyState(
+                    k.key, k.body_digest, k.formula_id, k.duplicate, k.expires_at, k.owner
+                )
                 for k in chunk
             ]
 
-    def messages(self, batch: int) -> Iterator[list[MessageState]]:
+    def messages(self, batch: int) -> Iterator[list[portable.MessageState]]:
         for chunk in _chunks(self._state().messages, batch):
             yield [
-                MessageState(m.message_id, m.formula_id, m.fingerprint, m.deliveries, m.dead)
+                portable.MessageState(
+                    m.message_id, m.formula_id, m.fingerprint, m.deliveries, m.dead
+                )
                 for m in chunk
             ]
 
-    def api_keys(self, batch: int) -> Iterator[list[ApiKeyState]]:
+    def api_keys(self, batch: int) -> Iterator[list[portable.ApiKeyState]]:
         for chunk in _chunks(self._state().api_keys, batch):
             yield [
-                ApiKeyState(k.key_id, k.name, k.scopes, k.secret_digest, k.created_at, k.revoked_at)
+                portable.ApiKeyState(
+                    k.key_id, k.name, k.scopes, k.secret_digest, k.created_at, k.revoked_at
+                )
                 for k in chunk
             ]
 
@@ -152,33 +150,20 @@ class EmbeddedPortable:
 
     # -- filling -------------------------------------------------------------------------
 
-    def import_all(
-        self,
-        formulas: Iterable[Sequence[FormulaState]],
-        keys: Iterable[Sequence[KeyState]],
-        messages: Iterable[Sequence[MessageState]],
-        api_keys: Iterable[Sequence[ApiKeyState]],
-    ) -> None:
+    def import_all(self, records: portable.Records) -> None:
         # The file has been held exclusively since it was opened: nobody
         # can write between this check and the transaction.
-        found = self.holdings()
-        if not found.empty:
-            raise TargetNotEmpty(self.where, found)
+        self.holdings().require_empty(self.where)
         self._recovered = None
-        self._journal.write_batches(_changes(formulas, keys, messages, api_keys))
+        self._journal.write_batches(_changes(records))
 
 
-def _changes(
-    formulas: Iterable[Sequence[FormulaState]],
-    keys: Iterable[Sequence[KeyState]],
-    messages: Iterable[Sequence[MessageState]],
-    api_keys: Iterable[Sequence[ApiKeyState]],
-) -> Iterator[list[Change]]:
+def _changes(records: portable.Records) -> Iterator[list[Change]]:
     """The journal changes that make the copy, one batch of records at a time."""
     # Formulas not processed yet, by message id: their message may still be
     # live. The formula's lifetime count is for CountDelivery, which sets both.
     unprocessed: dict[str, tuple[str, int]] = {}
-    for batch in formulas:
+    for batch in records.formulas:
         stored: list[Change] = []
         acked: list[Change] = []
         for f in batch:
@@ -199,14 +184,14 @@ def _changes(
             else:  # a result is recorded in the same step as the ack
                 acked.append(DeleteMessage(f.message_id))
         yield stored + acked
-    for key_batch in keys:
+    for key_batch in records.keys:
         yield [
             RememberKey(
                 Remembered(k.key, k.body_digest, k.formula_id, k.duplicate, k.expires_at, k.owner)
             )
             for k in key_batch
         ]
-    for message_batch in messages:
+    for message_batch in records.messages:
         # Moves first, in order (each goes to the back of the queue); then the counts.
         moved: list[Change] = []
         counted: list[Change] = []
@@ -226,7 +211,7 @@ def _changes(
     # Formulas whose message was acked without a result.
     for chunk in _chunks(list(unprocessed), 5_000):
         yield [DeleteMessage(message_id) for message_id in chunk]
-    for api_key_batch in api_keys:
+    for api_key_batch in records.api_keys:
         yield [
             CreateApiKey(
                 ApiKeyRecord(

@@ -22,7 +22,10 @@ Durability: every change is written to the journal within the same call.
 
 Two calls keep off the lock: ``rate_limit``, whose token buckets
 (``shared.TokenBuckets``) have a lock of their own, and the argument checks
-of ``create_key``.
+of ``create_key``. The calls both engines answer alike (``submit``,
+``complete``, ``get_formula``, the bounds of ``receive`` and
+``list_formulas``) are ``shared.EngineCalls``'; ``recovery`` fills the
+state from the journal at start.
 
 ``receive`` long-polls on a condition variable tied to the lock: the waiting
 thread sleeps until a publish, nack or redrive notifies it, or until the
@@ -34,7 +37,6 @@ wall clock); what leaves this object is in wall-clock epoch seconds.
 
 from __future__ import annotations
 
-import gc
 import logging
 import threading
 import time
@@ -53,31 +55,30 @@ from broker.engines.embedded.changes import (
     DeleteMessage,
     ForgetKeys,
     RecordResult,
-    Recovered,
     RedriveMessage,
     RevokeApiKey,
 )
 from broker.engines.embedded.idempotency import IdempotencyKeys
 from broker.engines.embedded.journal import Journal, MemoryJournal
 from broker.engines.embedded.queue import DeadLettered, MessageQueue, Redriven
+from broker.engines.embedded.recovery import recover
 from broker.engines.embedded.store import FormulaRecord, FormulaStore, view
-from broker.engines.shared import TokenBuckets, new_id, pack_summary
+from broker.engines.shared import EngineCalls, TokenBuckets, new_id, pack_summary
 from broker.errors import (
     ApiKeyNotFound,
-    FormulaNotFound,
-    InvalidSummary,
     MessageNotFound,
     StaleReceipt,
     StorageFailed,
 )
-from broker.formula import FormulaDraft
+
+# Both engines implement broker.interface.Broker, so the PostgreSQL engine imports
+# much the same list of its types.
 from broker.interface import (
     ALREADY_ACKED,
     COMPLETED,
     DEAD,
     FAILED,
     INVALID_SUMMARY,
-    MAX_PAGE,
     PROCESSED,
     QUEUED,
     STALE,
@@ -86,24 +87,18 @@ from broker.interface import (
     Delivery,
     FormulaPage,
     FormulaView,
-    IdempotencyKey,
     MessageInfo,
     NewApiKey,
-    Submission,
     SubmitOutcome,
     SubmitRequest,
-    unwrap,
 )
 
 log = logging.getLogger(__name__)
 
 Clock = Callable[[], float]
 
-MAX_BATCH = 100
-MAX_WAIT_SECONDS = 60.0
 
-
-class EmbeddedBroker:
+class EmbeddedBroker(EngineCalls):
     def __init__(
         self,
         *,
@@ -138,7 +133,8 @@ class EmbeddedBroker:
         self._duplicates = 0
         self._refused_capacity = 0
         self._processed = 0
-        self._recover()
+        recover(self._journal, self._store, self._queue, self._keys, self._api_keys)
+        self._keys_expired = self._keys.expire(self._wall_clock()) > 0
 
     def close(self) -> None:
         """Close the journal (not a broker method: the broker process calls it on exit)."""
@@ -154,13 +150,6 @@ class EmbeddedBroker:
         with self._lock:
             record = self._api_keys.check(key_id, secret_digest)
             return None if record is None else record.view()
-
-    def rate_limit(self, key_id: str) -> float:
-        return 0.0 if self._buckets is None else self._buckets.spend(key_id)
-
-    def submit(self, draft: FormulaDraft, idempotency: IdempotencyKey | None = None) -> Submission:
-        [outcome] = self.submit_many([(draft, idempotency)])
-        return unwrap(outcome)
 
     def submit_many(self, requests: Sequence[SubmitRequest]) -> list[SubmitOutcome]:
         """Admit ``requests`` in order and journal them in one write: all, or each alone.
@@ -201,21 +190,12 @@ class EmbeddedBroker:
             self._lock.notify(admission.submitted)
         return outcomes
 
-    def get_formula(self, formula_id: str) -> FormulaView:
-        with self._lock:
-            record = self._store.get(formula_id)
-            if record is None:
-                raise FormulaNotFound(formula_id)
-            return self._view(record)
-
     def get_formulas(self, formula_ids: Sequence[str]) -> list[FormulaView | None]:
         with self._lock:
             records = [self._store.get(formula_id) for formula_id in formula_ids]
             return [None if r is None else self._view(r) for r in records]
 
-    def list_formulas(self, limit: int, cursor: str | None = None) -> FormulaPage:
-        if not 1 <= limit <= MAX_PAGE:
-            raise ValueError(f"limit must be between 1 and {MAX_PAGE}")
+    def _page(self, limit: int, cursor: str | None) -> FormulaPage:
         with self._lock:
             page = self._store.page(limit, cursor)
             return FormulaPage(tuple(self._view(r) for r in page.records), page.next_cursor)
@@ -235,16 +215,10 @@ class EmbeddedBroker:
 
     # -- consumers ---------------------------------------------------------------------
 
-    def receive(
-        self,
-        consumer: str,
-        max_messages: int = 1,
-        visibility_timeout: float | None = None,
-        wait_seconds: float = 0.0,
+    def _receive(
+        self, consumer: str, max_messages: int, visibility_timeout: float | None, wait: float
     ) -> list[Delivery]:
-        max_messages = max(1, min(int(max_messages), MAX_BATCH))
-        wait_seconds = max(0.0, min(float(wait_seconds), MAX_WAIT_SECONDS))
-        deadline = self._clock() + wait_seconds
+        deadline = self._clock() + wait
         with self._lock:
             while True:
                 deliveries = self._queue.receive(consumer, max_messages, visibility_timeout)
@@ -274,14 +248,6 @@ class EmbeddedBroker:
                 due = self._queue.next_due()
                 timeout = deadline - now if due is None else min(deadline, due) - now
                 self._lock.wait(max(timeout, 0.0))
-
-    def complete(self, receipt: str, summary: Mapping[str, Any]) -> bool:
-        [outcome] = self.complete_many([(receipt, summary)])
-        if outcome == STALE:
-            raise StaleReceipt(receipt)
-        if outcome == INVALID_SUMMARY:
-            raise InvalidSummary("JSON cannot hold this summary")
-        return outcome == COMPLETED
 
     def complete_many(self, results: Sequence[tuple[str, Mapping[str, Any]]]) -> list[str]:
         """Check every lease, journal every result and ack in one write, then apply."""
@@ -461,51 +427,3 @@ class EmbeddedBroker:
     def _to_wall(self, moment: float) -> float:
         """A time on the queue's monotonic clock as the wall-clock time it stands for."""
         return self._wall_clock() + (moment - self._clock())
-
-    # -- recovery ----------------------------------------------------------------------
-
-    def _recover(self) -> None:
-        """Rebuild store, index, keys and queue from the journal."""
-        # Millions of new objects, none of them garbage: collecting while
-        # building them only costs time.
-        collecting = gc.isenabled()
-        gc.disable()
-        try:
-            self._rebuild(self._journal.load())
-        finally:
-            if collecting:
-                gc.enable()
-
-    def _rebuild(self, recovered: Recovered) -> None:
-        for record in recovered.formulas:
-            self._store.add(record)
-        buried: list[Change] = []
-        for message in recovered.messages:
-            # A message that used its last delivery before the crash is dead:
-            # its lease would have run out into the dead letters.
-            dead = message.dead or message.deliveries >= self._queue.max_deliveries
-            if dead and not message.dead:
-                buried.append(BuryMessage(message.message_id))
-            self._queue.restore(
-                message.message_id,
-                message.formula_id,
-                message.fingerprint,
-                message.deliveries,
-                dead,
-            )
-        for remembered in recovered.keys:
-            self._keys.restore(remembered)
-        for api_key in recovered.api_keys:
-            self._api_keys.put(api_key)
-        self._keys_expired = self._keys.expire(self._wall_clock()) > 0
-        if buried:
-            self._journal.write(buried)
-        if recovered.formulas or recovered.messages or recovered.api_keys:
-            log.info(
-                "recovered %d formulas, %d unacknowledged messages, %d idempotency keys, "
-                "%d API keys",
-                len(recovered.formulas),
-                len(recovered.messages),
-                len(recovered.keys),
-                len(recovered.api_keys),
-            )

@@ -26,15 +26,7 @@ from typing import Any, Final
 
 import psycopg
 
-from broker.engines import EngineError
-from broker.engines.portable import (
-    ApiKeyState,
-    FormulaState,
-    Holdings,
-    KeyState,
-    MessageState,
-    TargetNotEmpty,
-)
+from broker.engines import EngineError, portable
 from broker.engines.postgres import CONNECT_TIMEOUT, check_uri, describe
 from broker.engines.postgres.schema import latest_version, migrate
 from broker.engines.postgres.sql import query
@@ -115,7 +107,7 @@ class PostgresPortable:
         # A source's read-only transaction is rolled back: nothing to keep.
         self._connection.close()
 
-    def holdings(self) -> Holdings:
+    def holdings(self) -> portable.Holdings:
         try:
             with self._connection.cursor() as cursor:
                 return _holdings(cursor)
@@ -124,45 +116,26 @@ class PostgresPortable:
 
     # -- reading ---------------------------------------------------------------------
 
-    def formulas(self, batch: int) -> Iterator[list[FormulaState]]:
+    def formulas(self, batch: int) -> Iterator[list[portable.FormulaState]]:
         for rows in self._stream("export_formulas", batch):
+            # The columns are FormulaState's fields, in order; materials as JSON text.
             yield [
-                FormulaState(
-                    formula_id=formula_id,
-                    name=name,
-                    materials=_unpack(materials),
-                    fingerprint=fingerprint,
-                    message_id=message_id,
-                    created_at=created_at,
-                    deliveries=deliveries,
-                    processed_at=processed_at,
-                    summary_json=summary,
-                )
-                for (
-                    formula_id,
-                    name,
-                    materials,
-                    fingerprint,
-                    message_id,
-                    created_at,
-                    deliveries,
-                    processed_at,
-                    summary,
-                ) in rows
+                portable.FormulaState(formula_id, name, _unpack(materials), *rest)
+                for formula_id, name, materials, *rest in rows
             ]
 
-    def keys(self, batch: int) -> Iterator[list[KeyState]]:
+    def keys(self, batch: int) -> Iterator[list[portable.KeyState]]:
         for rows in self._stream("export_keys", batch):
-            yield [KeyState(*row) for row in rows]
+            yield [portable.KeyState(*row) for row in rows]
 
-    def messages(self, batch: int) -> Iterator[list[MessageState]]:
+    def messages(self, batch: int) -> Iterator[list[portable.MessageState]]:
         for rows in self._stream("export_messages", batch):
-            yield [MessageState(*row) for row in rows]
+            yield [portable.MessageState(*row) for row in rows]
 
-    def api_keys(self, batch: int) -> Iterator[list[ApiKeyState]]:
+    def api_keys(self, batch: int) -> Iterator[list[portable.ApiKeyState]]:
         for rows in self._stream("export_api_keys", batch):
             yield [
-                ApiKeyState(key_id, name, tuple(scopes), digest, created_at, revoked_at)
+                portable.ApiKeyState(key_id, name, tuple(scopes), digest, created_at, revoked_at)
                 for key_id, name, scopes, digest, created_at, revoked_at in rows
             ]
 
@@ -178,23 +151,17 @@ class PostgresPortable:
 
     # -- filling -------------------------------------------------------------------------
 
-    def import_all(
-        self,
-        formulas: Iterable[Sequence[FormulaState]],
-        keys: Iterable[Sequence[KeyState]],
-        messages: Iterable[Sequence[MessageState]],
-        api_keys: Iterable[Sequence[ApiKeyState]],
-    ) -> None:
+    def import_all(self, records: portable.Records) -> None:
         connection = self._connection
         try:
             with connection.transaction(), connection.cursor() as cursor:
                 for step in ("import_without_timeout", "import_lock_timeout", "import_lock"):
                     cursor.execute(query(step))
-                found = _holdings(cursor)
-                if not found.empty:
-                    raise TargetNotEmpty(self.where, found)
+                _holdings(cursor).require_empty(self.where)
                 now = _scalar(cursor, "import_time")
-                _copy(cursor, "import_formulas", (self._row(f) for b in formulas for f in b))
+                _copy(
+                    cursor, "import_formulas", (self._row(f) for b in records.formulas for f in b)
+                )
                 _copy(
                     cursor,
                     "import_keys",
@@ -207,7 +174,7 @@ class PostgresPortable:
                             k.duplicate,
                             _moment(k.expires_at),
                         )
-                        for batch in keys
+                        for batch in records.keys
                         for k in batch
                     ),
                 )
@@ -224,7 +191,7 @@ class PostgresPortable:
                             m.deliveries,
                             now if m.dead else None,
                         )
-                        for batch in messages
+                        for batch in records.messages
                         for m in batch
                     ),
                 )
@@ -240,7 +207,7 @@ class PostgresPortable:
                             _moment(k.created_at),
                             None if k.revoked_at is None else _moment(k.revoked_at),
                         )
-                        for batch in api_keys
+                        for batch in records.api_keys
                         for k in batch
                     ),
                 )
@@ -251,7 +218,7 @@ class PostgresPortable:
                 f"the copy into {self.where} failed and was rolled back: {exc}".strip()
             ) from None
 
-    def _row(self, f: FormulaState) -> tuple[Any, ...]:
+    def _row(self, f: portable.FormulaState) -> tuple[Any, ...]:
         """A formula as ``import_formulas`` takes it."""
         return (
             f.formula_id,
@@ -273,18 +240,10 @@ def _copy(cursor: psycopg.Cursor[tuple[Any, ...]], name: str, rows: Iterable[Any
             copy.write_row(row)
 
 
-def _holdings(cursor: psycopg.Cursor[tuple[Any, ...]]) -> Holdings:
+def _holdings(cursor: psycopg.Cursor[tuple[Any, ...]]) -> portable.Holdings:
     row = cursor.execute(query("holdings")).fetchone()
     assert row is not None
-    formulas, keys, expired_keys, messages, dead, api_keys = row
-    return Holdings(
-        formulas=formulas,
-        keys=keys,
-        expired_keys=expired_keys,
-        messages=messages,
-        dead=dead,
-        api_keys=api_keys,
-    )
+    return portable.Holdings(*row)  # the columns are Holdings' fields, in order
 
 
 def _scalar(cursor: psycopg.Cursor[tuple[Any, ...]], name: str) -> Any:

@@ -1,10 +1,19 @@
 """Creating and migrating the engine's schema when a broker starts.
 
-Every broker runs this at start. One transaction holds an advisory lock, so
-brokers starting together take turns: the first applies the missing
-migrations, the others find the schema current. A database whose schema is
-newer than this code knows is refused (an older broker must not write to
-it), as is one that cannot be reached or locked in time.
+Every broker runs this at start, in one transaction that holds an advisory
+lock, so brokers starting together take turns: the first brings the schema
+up to date, the others find it current. Two kinds of SQL, as Flyway has
+versioned and repeatable migrations:
+
+- ``migrations/NNNN_name.sql``, each applied once, in order, and recorded in
+  ``formulary.schema_version``: tables, indexes, data;
+- ``functions.sql``, applied after them whenever its checksum differs from
+  the one recorded in ``formulary.schema_functions``: every function of the
+  schema is dropped, then made again from the file.
+
+A database whose schema is newer than this code knows is refused (an older
+broker must not write to it), as is one that cannot be reached or locked in
+time.
 """
 
 from __future__ import annotations
@@ -15,32 +24,30 @@ from typing import Any, Final
 import psycopg
 
 from broker.engines import EngineError
-from broker.engines.postgres.sql import migrations
+from broker.engines.postgres.sql import Functions, functions, migrations, query
 
 log = logging.getLogger(__name__)
 
-SCHEMA: Final = "formulary"
 LOCK_KEY: Final = 0x466F726D756C  # "Formul": the advisory lock brokers take to migrate
-LOCK_TIMEOUT: Final = "60s"
 
 
 def latest_version() -> int:
     return migrations()[-1].version
 
 
-def migrate(connection: psycopg.Connection[tuple[Any, ...]]) -> int:
-    """Bring the schema to the latest version; returns the version found before."""
+def migrate(
+    connection: psycopg.Connection[tuple[Any, ...]], with_functions: Functions | None = None
+) -> int:
+    """Bring the schema to the latest version; returns the version found before.
+
+    ``with_functions`` stands in for ``functions.sql`` (tests).
+    """
     with connection.transaction():
-        connection.execute(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'")
-        connection.execute("SELECT pg_advisory_xact_lock(%s)", [LOCK_KEY])
-        connection.execute(f"CREATE SCHEMA IF NOT EXISTS {SCHEMA}")
-        connection.execute(
-            f"CREATE TABLE IF NOT EXISTS {SCHEMA}.schema_version ("
-            " version integer PRIMARY KEY,"
-            " name text NOT NULL,"
-            " applied_at timestamptz NOT NULL DEFAULT now())"
-        )
-        row = connection.execute(f"SELECT max(version) FROM {SCHEMA}.schema_version").fetchone()
+        connection.execute(query("migration_lock_timeout"))
+        connection.execute(query("migration_lock"), {"key": LOCK_KEY})
+        for step in ("create_schema", "create_schema_version", "create_schema_functions"):
+            connection.execute(query(step))
+        row = connection.execute(query("schema_version")).fetchone()
         found = int(row[0]) if row and row[0] is not None else 0
         if found > latest_version():
             raise EngineError(
@@ -56,7 +63,20 @@ def migrate(connection: psycopg.Connection[tuple[Any, ...]]) -> int:
             )
             connection.execute(migration.sql.encode("utf-8"))
             connection.execute(
-                f"INSERT INTO {SCHEMA}.schema_version (version, name) VALUES (%s, %s)",
-                [migration.version, migration.name],
+                query("record_version"), {"version": migration.version, "name": migration.name}
             )
+        _apply_functions(connection, with_functions or functions())
     return found
+
+
+def _apply_functions(connection: psycopg.Connection[tuple[Any, ...]], wanted: Functions) -> None:
+    """Make the schema's functions ``wanted``'s, unless the database has them already."""
+    row = connection.execute(query("functions_checksum"), {"file": wanted.file}).fetchone()
+    if row is not None and row[0] == wanted.checksum:
+        return
+    log.info("applying %s (checksum %s)", wanted.file, wanted.checksum[:12])
+    connection.execute(query("drop_functions"))
+    connection.execute(wanted.sql.encode("utf-8"))
+    connection.execute(
+        query("record_functions"), {"file": wanted.file, "checksum": wanted.checksum}
+    )

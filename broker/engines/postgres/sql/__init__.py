@@ -1,21 +1,24 @@
 """The PostgreSQL engine's SQL, read from the files beside this module.
 
 ``migrations/NNNN_name.sql`` build the schema one version at a time (tables,
-indexes and the functions that make each atomic step); ``queries.sql`` holds
-the named statements the engine runs, ``portable.sql`` those that copy a
-whole deployment in or out (``broker.migrate``). Python code refers to a
-query by name and never spells SQL itself.
+indexes, data); ``functions.sql`` holds every function (the atomic steps),
+applied whenever its checksum changes; ``queries.sql`` holds the named
+statements the engine runs, ``portable.sql`` those that copy a whole
+deployment in or out (``broker.migrate``), ``bookkeeping.sql`` those the
+migration runner runs. Python code refers to a query by name and never
+spells SQL itself.
 """
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 from typing import Final
 
-__all__ = ["Migration", "migrations", "query"]
+__all__ = ["Functions", "Migration", "functions", "migrations", "query"]
 
 HERE: Final = Path(__file__).parent
 _NAME: Final = re.compile(r"^-- name: (\w+)\s*$", re.MULTILINE)
@@ -42,7 +45,26 @@ def migrations() -> tuple[Migration, ...]:
     return tuple(found)
 
 
-_QUERY_FILES: Final = ("queries.sql", "portable.sql")
+@dataclass(frozen=True, slots=True)
+class Functions:
+    """``functions.sql``: its text, and the SHA-256 (hex) of it that the database records."""
+
+    file: str
+    sql: str
+    checksum: str
+
+    @classmethod
+    def of(cls, file: str, sql: str) -> Functions:
+        return cls(file, sql, hashlib.sha256(sql.encode("utf-8")).hexdigest())
+
+
+@cache
+def functions() -> Functions:
+    """Every function of the schema, as ``functions.sql`` makes them."""
+    return Functions.of("functions.sql", (HERE / "functions.sql").read_text(encoding="utf-8"))
+
+
+_QUERY_FILES: Final = ("queries.sql", "portable.sql", "bookkeeping.sql")
 
 
 @cache
@@ -59,5 +81,5 @@ def _queries() -> dict[str, str]:
 
 
 def query(name: str) -> str:
-    """The statement named ``name`` in queries.sql or portable.sql."""
+    """The statement named ``name`` in one of the query files."""
     return _queries()[name]

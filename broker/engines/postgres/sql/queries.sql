@@ -1,6 +1,6 @@
 -- The PostgreSQL engine's named queries. Each starts with "-- name: NAME" and
--- runs as one statement; the atomic steps themselves are functions in the
--- migrations. Parameters are psycopg's %(name)s placeholders.
+-- runs as one statement; the atomic steps themselves are in functions.sql.
+-- Parameters are psycopg's %(name)s placeholders.
 --
 -- A message's state as people see it is derived from its row and the
 -- database's clock, never from when some broker last swept: a lease whose time
@@ -22,34 +22,18 @@ SELECT ord, outcome, formula_id, name, materials, fingerprint, message_id, creat
  ORDER BY ord;
 
 -- name: formulas_by_id
-SELECT f.id, f.name, f.materials, f.fingerprint, f.message_id,
-       extract(epoch FROM f.created_at)::double precision,
-       CASE WHEN f.processed_at IS NOT NULL THEN 'processed'
-            WHEN m.state = 'dead'
-              OR (m.deliveries >= %(max_deliveries)s AND m.visible_at <= now()) THEN 'failed'
-            ELSE 'queued' END,
-       f.deliveries,
-       extract(epoch FROM f.processed_at)::double precision,
-       f.summary
-  FROM formulary.formulas f
-  LEFT JOIN formulary.messages m ON m.id = f.message_id
- WHERE f.id = ANY(%(ids)s);
+SELECT v.id, v.name, v.materials, v.fingerprint, v.message_id, v.created_at, v.status,
+       v.deliveries, v.processed_at, v.summary
+  FROM formulary.formula_views(%(max_deliveries)s) v
+ WHERE v.id = ANY(%(ids)s);
 
 -- name: formula_page
-SELECT f.id, f.name, f.materials, f.fingerprint, f.message_id,
-       extract(epoch FROM f.created_at)::double precision,
-       CASE WHEN f.processed_at IS NOT NULL THEN 'processed'
-            WHEN m.state = 'dead'
-              OR (m.deliveries >= %(max_deliveries)s AND m.visible_at <= now()) THEN 'failed'
-            ELSE 'queued' END,
-       f.deliveries,
-       extract(epoch FROM f.processed_at)::double precision,
-       f.summary,
-       f.seq
-  FROM formulary.formulas f
-  LEFT JOIN formulary.messages m ON m.id = f.message_id
- WHERE f.seq < %(before)s
- ORDER BY f.seq DESC
+-- The columns of formulas_by_id, then seq (the next cursor).
+SELECT v.id, v.name, v.materials, v.fingerprint, v.message_id, v.created_at, v.status,
+       v.deliveries, v.processed_at, v.summary, v.seq
+  FROM formulary.formula_views(%(max_deliveries)s) v
+ WHERE v.seq < %(before)s
+ ORDER BY v.seq DESC
  LIMIT %(limit)s;
 
 -- name: bury_expired

@@ -1,0 +1,449 @@
+-- Every function of the schema "formulary": the atomic steps the engine calls,
+-- each run as one statement (one transaction), and what they share.
+--
+-- Not a versioned migration. The broker applies this file at start, under the
+-- migration lock and after the versioned migrations, whenever its checksum
+-- differs from the one recorded in formulary.schema_functions (schema.py):
+-- first it drops every function of the schema, so that one renamed, removed or
+-- given other arguments leaves nothing behind, then it runs this file, all in
+-- one transaction. Change a function here, in place; tables, indexes and data
+-- changes go in migrations/.
+
+-- Submit one formula: the whole of one atomic submit, in the caller's transaction.
+--
+-- p_key (NULL for none) is p_owner's Idempotency-Key: looked up and recorded
+-- by (p_owner, p_key), so another owner's key of the same spelling is never
+-- seen.
+--
+-- outcome is 'accepted', 'replayed' (the key's first answer was a 202),
+-- 'duplicate', 'duplicate_replayed' (the key's first answer was a 409),
+-- 'key_reused' (the key came with another body) or 'full'; the other columns
+-- describe the formula the answer names (none for 'key_reused' and 'full').
+--
+-- Nothing is written before the checks that can refuse, so a refusal needs no
+-- undo and no subtransaction (hundreds of those in one transaction would
+-- overflow every backend's subtransaction cache). The two races that are only
+-- found while writing, another transaction inserting the same make-up or
+-- claiming the same key first, wait for that transaction (the unique index
+-- does), take back what this call wrote, and answer as the winner's answer
+-- says.
+--
+-- Capacity: the count of live messages is read as committed, so submits
+-- committing at the same instant on different connections may together pass
+-- the capacity by at most the number of such connections.
+CREATE FUNCTION formulary.submit(
+    p_owner text,
+    p_key text,
+    p_body_digest text,
+    p_key_ttl double precision,
+    p_formula_id text,
+    p_name text,
+    p_materials jsonb,
+    p_fingerprint text,
+    p_message_id text,
+    p_capacity bigint,
+    OUT outcome text,
+    OUT formula_id text,
+    OUT name text,
+    OUT materials jsonb,
+    OUT fingerprint text,
+    OUT message_id text,
+    OUT created_at double precision
+) LANGUAGE plpgsql AS $$
+#variable_conflict use_column
+DECLARE
+    v_key formulary.idempotency_keys;
+    v_formula formulary.formulas;
+    v_slot integer := pg_backend_pid() % 16;
+    v_answered boolean := false;
+BEGIN
+    FOR attempt IN 1..3 LOOP
+        outcome := NULL;
+        IF p_key IS NOT NULL THEN
+            SELECT * INTO v_key FROM formulary.idempotency_keys k
+             WHERE k.owner = p_owner AND k.key = p_key AND k.expires_at > now();
+            IF FOUND THEN
+                IF v_key.body_digest <> p_body_digest THEN
+                    outcome := 'key_reused';
+                    RETURN;
+                END IF;
+                SELECT * INTO STRICT v_formula FROM formulary.formulas f WHERE f.id = v_key.formula_id;
+                outcome := CASE WHEN v_key.duplicate THEN 'duplicate_replayed' ELSE 'replayed' END;
+                v_answered := true;
+                EXIT;
+            END IF;
+        END IF;
+
+        SELECT * INTO v_formula FROM formulary.formulas f WHERE f.fingerprint = p_fingerprint;
+        IF FOUND THEN
+            outcome := 'duplicate';
+        ELSE
+            UPDATE formulary.counters c SET live = c.live + 1, formulas = c.formulas + 1
+             WHERE c.slot = v_slot
+               AND (SELECT sum(c2.live) FROM formulary.counters c2) < p_capacity;
+            IF NOT FOUND THEN
+                -- Full as committed now; but the make-up we did not find at first
+                -- may be one of what filled it, and then the answer is its 409.
+                SELECT * INTO v_formula FROM formulary.formulas f
+                 WHERE f.fingerprint = p_fingerprint;
+                IF NOT FOUND THEN
+                    outcome := 'full';
+                    RETURN;
+                END IF;
+                outcome := 'duplicate';
+            END IF;
+        END IF;
+
+        IF outcome IS NULL THEN
+            INSERT INTO formulary.formulas AS f
+                   (id, name, materials, fingerprint, message_id, created_at)
+            VALUES (p_formula_id, p_name, p_materials, p_fingerprint, p_message_id,
+                    clock_timestamp())
+            ON CONFLICT (fingerprint) DO NOTHING
+            RETURNING * INTO v_formula;
+            IF FOUND THEN
+                outcome := 'accepted';
+            ELSE
+                -- Stored by a transaction that committed while we waited on it.
+                UPDATE formulary.counters c SET live = c.live - 1, formulas = c.formulas - 1
+                 WHERE c.slot = v_slot;
+                SELECT * INTO STRICT v_formula FROM formulary.formulas f
+                 WHERE f.fingerprint = p_fingerprint;
+                outcome := 'duplicate';
+            END IF;
+        END IF;
+
+        IF p_key IS NOT NULL THEN
+            INSERT INTO formulary.idempotency_keys AS k
+                   (owner, key, body_digest, formula_id, duplicate, expires_at)
+            VALUES (p_owner, p_key, p_body_digest, v_formula.id, outcome = 'duplicate',
+                    now() + make_interval(secs => p_key_ttl))
+            ON CONFLICT (owner, key) DO UPDATE
+               SET body_digest = excluded.body_digest, formula_id = excluded.formula_id,
+                   duplicate = excluded.duplicate, expires_at = excluded.expires_at
+             WHERE k.expires_at <= now();
+            IF NOT FOUND THEN
+                -- Another transaction claimed the key and committed: its answer is ours.
+                IF outcome = 'accepted' THEN
+                    DELETE FROM formulary.formulas f WHERE f.id = p_formula_id;
+                    UPDATE formulary.counters c SET live = c.live - 1, formulas = c.formulas - 1
+                     WHERE c.slot = v_slot;
+                END IF;
+                CONTINUE;
+            END IF;
+        END IF;
+
+        IF outcome = 'accepted' THEN
+            INSERT INTO formulary.messages (id, formula_id, fingerprint, state, visible_at)
+            VALUES (p_message_id, p_formula_id, p_fingerprint, 'ready', now());
+            PERFORM pg_notify('formulary_messages', '');
+        END IF;
+        v_answered := true;
+        EXIT;
+    END LOOP;
+    IF NOT v_answered THEN
+        RAISE EXCEPTION 'idempotency key % of owner % changed hands three times in one submit',
+            p_key, quote_literal(p_owner);
+    END IF;
+    formula_id := v_formula.id;
+    name := v_formula.name;
+    materials := v_formula.materials;
+    fingerprint := v_formula.fingerprint;
+    message_id := v_formula.message_id;
+    created_at := extract(epoch FROM v_formula.created_at);
+END;
+$$;
+
+-- A group of submits, in order, as one transaction: formulary.submit for each,
+-- each seeing the ones before it; one commit (one WAL flush) for the group.
+-- The arrays are parallel, one element per submit; ord numbers the answers.
+CREATE FUNCTION formulary.submit_many(
+    p_owners text[],
+    p_keys text[],
+    p_body_digests text[],
+    p_key_ttl double precision,
+    p_formula_ids text[],
+    p_names text[],
+    p_materials jsonb[],
+    p_fingerprints text[],
+    p_message_ids text[],
+    p_capacity bigint
+) RETURNS TABLE (
+    ord integer,
+    outcome text,
+    formula_id text,
+    name text,
+    materials jsonb,
+    fingerprint text,
+    message_id text,
+    created_at double precision
+) LANGUAGE plpgsql AS $$
+BEGIN
+    FOR i IN 1..coalesce(array_length(p_formula_ids, 1), 0) LOOP
+        ord := i;
+        SELECT s.outcome, s.formula_id, s.name, s.materials, s.fingerprint, s.message_id,
+               s.created_at
+          INTO outcome, formula_id, name, materials, fingerprint, message_id, created_at
+          FROM formulary.submit(p_owners[i], p_keys[i], p_body_digests[i], p_key_ttl,
+                                p_formula_ids[i], p_names[i], p_materials[i],
+                                p_fingerprints[i], p_message_ids[i], p_capacity) s;
+        RETURN NEXT;
+    END LOOP;
+END;
+$$;
+
+-- Formulas with their processing state as clients see it: 'failed' once the
+-- message is dead, or on its last allowed delivery with the lease run out.
+-- LANGUAGE sql and STABLE, so the planner inlines it into the calling query
+-- and the caller's WHERE, ORDER BY and LIMIT use the indexes of formulas.
+CREATE FUNCTION formulary.formula_views(p_max_deliveries integer)
+RETURNS TABLE (
+    id text,
+    name text,
+    materials jsonb,
+    fingerprint text,
+    message_id text,
+    created_at double precision,
+    status text,
+    deliveries integer,
+    processed_at double precision,
+    summary json,
+    seq bigint
+) LANGUAGE sql STABLE AS $$
+    SELECT f.id, f.name, f.materials, f.fingerprint, f.message_id,
+           extract(epoch FROM f.created_at)::double precision,
+           CASE WHEN f.processed_at IS NOT NULL THEN 'processed'
+                WHEN m.state = 'dead'
+                  OR (m.deliveries >= p_max_deliveries AND m.visible_at <= now()) THEN 'failed'
+                ELSE 'queued' END,
+           f.deliveries,
+           extract(epoch FROM f.processed_at)::double precision,
+           f.summary,
+           f.seq
+      FROM formulary.formulas f
+      LEFT JOIN formulary.messages m ON m.id = f.message_id
+$$;
+
+-- Dead-letter the messages whose last allowed delivery's lease has expired
+-- (and any visible message past the limit, should the limit have been lowered).
+-- Run at the start of every call that lists, counts or leases messages, so
+-- that what it sees is settled; returns how many it buried.
+CREATE FUNCTION formulary.bury_expired(p_max_deliveries integer)
+RETURNS integer LANGUAGE plpgsql AS $$
+DECLARE
+    v_buried integer;
+BEGIN
+    WITH due AS (
+        SELECT m.id FROM formulary.messages m
+         WHERE m.state <> 'dead' AND m.deliveries > 0 AND m.visible_at <= now()
+           AND m.deliveries >= p_max_deliveries
+         ORDER BY m.visible_at, m.seq
+           FOR UPDATE SKIP LOCKED
+    )
+    UPDATE formulary.messages m
+       SET state = 'dead', dead_at = m.visible_at, lease_token = NULL, consumer = NULL
+      FROM due WHERE m.id = due.id;
+    GET DIAGNOSTICS v_buried = ROW_COUNT;
+    IF v_buried > 0 THEN
+        UPDATE formulary.counters c SET live = c.live - v_buried
+         WHERE c.slot = pg_backend_pid() % 16;
+    END IF;
+    RETURN v_buried;
+END;
+$$;
+
+-- Lease up to p_max visible messages: redeliveries first, in the order they
+-- became visible again, then fresh messages in publish order. Locked rows
+-- (another broker leasing them now) are skipped, never waited on. Each
+-- delivery is counted on its formula (its whole-life count) in the same
+-- statement.
+CREATE FUNCTION formulary.lease(
+    p_consumer text,
+    p_max integer,
+    p_lease_seconds double precision,
+    p_max_deliveries integer
+) RETURNS TABLE (
+    message_id text,
+    formula_id text,
+    fingerprint text,
+    lease_token text,
+    deliveries integer,
+    lease_expires_at double precision,
+    redelivery boolean,
+    visible_since timestamptz,
+    seq bigint
+) LANGUAGE plpgsql AS $$
+#variable_conflict use_column
+DECLARE
+    v_until timestamptz := now() + make_interval(secs => p_lease_seconds);
+    v_found integer;
+BEGIN
+    RETURN QUERY
+    WITH due AS (
+        SELECT m.id, m.visible_at AS since FROM formulary.messages m
+         WHERE m.state <> 'dead' AND m.deliveries > 0 AND m.visible_at <= now()
+           AND m.deliveries < p_max_deliveries
+         ORDER BY m.visible_at, m.seq
+         LIMIT p_max
+           FOR UPDATE SKIP LOCKED
+    ), leased AS (
+        UPDATE formulary.messages m
+           SET state = 'leased', deliveries = m.deliveries + 1, visible_at = v_until,
+               lease_token = replace(gen_random_uuid()::text, '-', ''), consumer = p_consumer
+          FROM due WHERE m.id = due.id
+        RETURNING m.id AS l_id, m.formula_id AS l_formula, m.fingerprint AS l_fingerprint,
+                  m.lease_token AS l_token, m.deliveries AS l_deliveries,
+                  due.since AS l_since, m.seq AS l_seq
+    ), counted AS (
+        UPDATE formulary.formulas f SET deliveries = f.deliveries + 1
+          FROM leased WHERE f.id = leased.l_formula
+    )
+    SELECT l_id, l_formula, l_fingerprint, l_token, l_deliveries,
+           extract(epoch FROM v_until)::double precision, true, l_since, l_seq
+      FROM leased;
+    GET DIAGNOSTICS v_found = ROW_COUNT;
+    IF v_found < p_max THEN
+        RETURN QUERY
+        WITH fresh AS (
+            SELECT m.id, m.visible_at AS since FROM formulary.messages m
+             WHERE m.state = 'ready' AND m.deliveries = 0
+             ORDER BY m.seq
+             LIMIT p_max - v_found
+               FOR UPDATE SKIP LOCKED
+        ), leased AS (
+            UPDATE formulary.messages m
+               SET state = 'leased', deliveries = 1, visible_at = v_until,
+                   lease_token = replace(gen_random_uuid()::text, '-', ''),
+                   consumer = p_consumer
+              FROM fresh WHERE m.id = fresh.id
+            RETURNING m.id AS l_id, m.formula_id AS l_formula, m.fingerprint AS l_fingerprint,
+                      m.lease_token AS l_token, m.deliveries AS l_deliveries,
+                      fresh.since AS l_since, m.seq AS l_seq
+        ), counted AS (
+            UPDATE formulary.formulas f SET deliveries = f.deliveries + 1
+              FROM leased WHERE f.id = leased.l_formula
+        )
+        SELECT l_id, l_formula, l_fingerprint, l_token, l_deliveries,
+               extract(epoch FROM v_until)::double precision, false, l_since, l_seq
+          FROM leased;
+    END IF;
+END;
+$$;
+
+-- Lock the message a receipt names and say whether the receipt is its current
+-- lease: 'current', 'gone' (acked before: no row) or 'stale'. The steps that
+-- settle a lease (complete, nack) start here, and change nothing unless the
+-- answer is 'current'.
+CREATE FUNCTION formulary.check_lease(p_message_id text, p_token text)
+RETURNS text LANGUAGE plpgsql AS $$
+DECLARE
+    v_msg formulary.messages;
+BEGIN
+    SELECT * INTO v_msg FROM formulary.messages m WHERE m.id = p_message_id FOR UPDATE;
+    IF NOT FOUND THEN
+        RETURN 'gone';
+    ELSIF v_msg.state = 'leased' AND v_msg.lease_token = p_token AND v_msg.visible_at > now() THEN
+        RETURN 'current';
+    END IF;
+    RETURN 'stale';
+END;
+$$;
+
+-- Record a handler's result (the first one wins) and ack, as one step.
+-- outcome: 'recorded' (result stored and acked), 'acked' (acked; the formula
+-- had a result already, or p_summary is NULL), 'gone' or 'stale' (nothing
+-- changed).
+CREATE FUNCTION formulary.complete(p_message_id text, p_token text, p_summary json)
+RETURNS text LANGUAGE plpgsql AS $$
+DECLARE
+    v_outcome text := formulary.check_lease(p_message_id, p_token);
+    v_formula_id text;
+BEGIN
+    IF v_outcome <> 'current' THEN
+        RETURN v_outcome;
+    END IF;
+    DELETE FROM formulary.messages m WHERE m.id = p_message_id
+    RETURNING m.formula_id INTO v_formula_id;
+    UPDATE formulary.counters c SET live = c.live - 1 WHERE c.slot = pg_backend_pid() % 16;
+    IF p_summary IS NULL THEN
+        RETURN 'acked';
+    END IF;
+    UPDATE formulary.formulas f SET processed_at = clock_timestamp(), summary = p_summary
+     WHERE f.id = v_formula_id AND f.processed_at IS NULL;
+    RETURN CASE WHEN FOUND THEN 'recorded' ELSE 'acked' END;
+END;
+$$;
+
+-- A batch of results and acks, in order, as one transaction: formulary.complete
+-- for each (a NULL summary acks without recording). The answers come in order.
+CREATE FUNCTION formulary.complete_many(p_message_ids text[], p_tokens text[],
+                                        p_summaries json[])
+RETURNS TABLE (ord integer, outcome text) LANGUAGE plpgsql AS $$
+BEGIN
+    FOR i IN 1..coalesce(array_length(p_message_ids, 1), 0) LOOP
+        ord := i;
+        outcome := formulary.complete(p_message_ids[i], p_tokens[i], p_summaries[i]);
+        RETURN NEXT;
+    END LOOP;
+END;
+$$;
+
+-- Give a leased message back: visible again after p_delay seconds, or
+-- dead-lettered on its last allowed delivery. outcome: 'ready', 'delayed',
+-- 'dead', 'gone' or 'stale'.
+CREATE FUNCTION formulary.nack(p_message_id text, p_token text, p_delay double precision,
+                               p_max_deliveries integer)
+RETURNS text LANGUAGE plpgsql AS $$
+DECLARE
+    v_outcome text := formulary.check_lease(p_message_id, p_token);
+BEGIN
+    IF v_outcome <> 'current' THEN
+        RETURN v_outcome;
+    END IF;
+    UPDATE formulary.messages m
+       SET state = 'dead', dead_at = now(), lease_token = NULL, consumer = NULL
+     WHERE m.id = p_message_id AND m.deliveries >= p_max_deliveries;
+    IF FOUND THEN
+        UPDATE formulary.counters c SET live = c.live - 1 WHERE c.slot = pg_backend_pid() % 16;
+        RETURN 'dead';
+    END IF;
+    UPDATE formulary.messages m
+       SET state = 'ready', visible_at = now() + make_interval(secs => greatest(p_delay, 0)),
+           lease_token = NULL, consumer = NULL
+     WHERE m.id = p_message_id;
+    IF p_delay > 0 THEN
+        RETURN 'delayed';
+    END IF;
+    PERFORM pg_notify('formulary_messages', '');
+    RETURN 'ready';
+END;
+$$;
+
+-- Send dead letters back to the tail of the fresh messages, oldest first,
+-- with their delivery count at 0; p_message_id NULL for all of them.
+CREATE FUNCTION formulary.redrive(p_message_id text)
+RETURNS integer LANGUAGE plpgsql AS $$
+DECLARE
+    v_dead record;
+    v_count integer := 0;
+BEGIN
+    FOR v_dead IN
+        SELECT m.id FROM formulary.messages m
+         WHERE m.state = 'dead' AND (p_message_id IS NULL OR m.id = p_message_id)
+         ORDER BY m.dead_at, m.seq
+           FOR UPDATE
+    LOOP
+        UPDATE formulary.messages m
+           SET state = 'ready', deliveries = 0, visible_at = now(), dead_at = NULL,
+               seq = nextval('formulary.message_seq')
+         WHERE m.id = v_dead.id;
+        v_count := v_count + 1;
+    END LOOP;
+    IF v_count > 0 THEN
+        UPDATE formulary.counters c SET live = c.live + v_count
+         WHERE c.slot = pg_backend_pid() % 16;
+        PERFORM pg_notify('formulary_messages', '');
+    END IF;
+    RETURN v_count;
+END;
+$$;
