@@ -131,6 +131,20 @@ def test_a_database_of_an_older_version_ends_as_a_new_one_and_keeps_its_keys(
         postgres_server.drop_database(fresh)
 
 
+FUNCTIONS_SQL: Final = (4, "ad6e53fb25ab4d3e85dd1467a5fb20652d13b99f39bcb7dd7672c5631be7f596")
+"""The schema version and the SHA-256 of functions.sql as shipped with it."""
+
+
+def test_every_change_to_functions_sql_comes_with_a_new_schema_version() -> None:
+    # A broker re-applies its own functions.sql wherever the database's differ;
+    # only a newer schema version makes an older broker refuse the database
+    # (exit 3) instead of putting its older functions back.
+    assert (latest_version(), functions().checksum) == FUNCTIONS_SQL, (
+        "functions.sql changed: add sql/migrations/NNNN_name.sql (a comment is enough) "
+        "and record its version and the file's new checksum in FUNCTIONS_SQL"
+    )
+
+
 PROBE: Final = """
 CREATE FUNCTION formulary.probe() RETURNS integer LANGUAGE sql AS $$ SELECT 1 $$;
 """

@@ -7,7 +7,7 @@ connection, no state.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from decimal import Decimal
 from typing import Any, Final
 
@@ -37,6 +37,7 @@ __all__ = [
     "is_text",
     "pack_materials",
     "parse_receipt",
+    "submit_group",
     "submit_outcome",
     "unpack_materials",
 ]
@@ -54,13 +55,39 @@ COMPLETE_OUTCOMES: Final = {
 
 def pack_materials(materials: Sequence[Material]) -> str:
     """Materials as JSON text for the jsonb column, numbers with their exact digits."""
-    text: str = _MATERIALS_ENCODER.encode(
-        [{"name": m.name, "concentration": m.concentration} for m in materials]
+    text: str = _ENCODER.encode(_materials(materials))
+    return text
+
+
+def submit_group(requests: Sequence[SubmitRequest], new_id: Callable[[], str]) -> str:
+    """``formulary.submit_many``'s group: a JSON array, one object per submit, in order.
+
+    Each formula, and its message, gets a new id here; the database keeps them
+    only if the submit stores the formula.
+    """
+    text: str = _ENCODER.encode(
+        [
+            {
+                "owner": "" if key is None else key.owner,
+                "key": None if key is None else key.key,
+                "body_digest": None if key is None else key.body_digest,
+                "formula_id": new_id(),
+                "name": draft.name,
+                "materials": _materials(draft.materials),
+                "fingerprint": draft.fingerprint,
+                "message_id": new_id(),
+            }
+            for draft, key in requests
+        ]
     )
     return text
 
 
-_MATERIALS_ENCODER: Final = simplejson.JSONEncoder(use_decimal=True, separators=(",", ":"))
+def _materials(materials: Sequence[Material]) -> list[dict[str, object]]:
+    return [{"name": m.name, "concentration": m.concentration} for m in materials]
+
+
+_ENCODER: Final = simplejson.JSONEncoder(use_decimal=True, separators=(",", ":"))
 
 
 def unpack_materials(data: Sequence[Mapping[str, Any]]) -> tuple[Material, ...]:

@@ -150,20 +150,12 @@ class PostgresBroker(EngineCalls):
         return outcomes
 
     def _submit_group(self, requests: Sequence[SubmitRequest]) -> list[SubmitOutcome]:
-        keys = [idempotency for _, idempotency in requests]
         with self._connection(passing=_RACES) as connection:
             rows = connection.execute(
                 query("submit_many"),
                 {
-                    "owners": ["" if k is None else k.owner for k in keys],
-                    "keys": [None if k is None else k.key for k in keys],
-                    "body_digests": [None if k is None else k.body_digest for k in keys],
+                    "group": convert.submit_group(requests, self._new_id),
                     "key_ttl": self._idempotency_ttl,
-                    "formula_ids": [self._new_id() for _ in requests],
-                    "names": [draft.name for draft, _ in requests],
-                    "materials": [convert.pack_materials(draft.materials) for draft, _ in requests],
-                    "fingerprints": [draft.fingerprint for draft, _ in requests],
-                    "message_ids": [self._new_id() for _ in requests],
                     "capacity": self._capacity,
                 },
             ).fetchall()

@@ -156,17 +156,14 @@ $$;
 
 -- A group of submits, in order, as one transaction: formulary.submit for each,
 -- each seeing the ones before it; one commit (one WAL flush) for the group.
--- The arrays are parallel, one element per submit; ord numbers the answers.
+-- p_group is a JSON array, one object per submit (broker/engines/postgres/
+-- convert.py writes it): one parameter, however large the group, instead of an
+-- array per field, which cost the broker more to send than the submit itself.
+-- ord numbers the answers. Materials come back only for a replayed 202: the
+-- broker has them for a new formula, and a 409 does not show them.
 CREATE FUNCTION formulary.submit_many(
-    p_owners text[],
-    p_keys text[],
-    p_body_digests text[],
+    p_group jsonb,
     p_key_ttl double precision,
-    p_formula_ids text[],
-    p_names text[],
-    p_materials jsonb[],
-    p_fingerprints text[],
-    p_message_ids text[],
     p_capacity bigint
 ) RETURNS TABLE (
     ord integer,
@@ -178,15 +175,23 @@ CREATE FUNCTION formulary.submit_many(
     message_id text,
     created_at double precision
 ) LANGUAGE plpgsql AS $$
+DECLARE
+    v_submit record;
 BEGIN
-    FOR i IN 1..coalesce(array_length(p_formula_ids, 1), 0) LOOP
-        ord := i;
-        SELECT s.outcome, s.formula_id, s.name, s.materials, s.fingerprint, s.message_id,
-               s.created_at
+    FOR v_submit IN
+        SELECT * FROM ROWS FROM (jsonb_to_recordset(p_group) AS (
+                 owner text, key text, body_digest text, formula_id text, name text,
+                 materials jsonb, fingerprint text, message_id text)) WITH ORDINALITY AS g
+         ORDER BY g.ordinality
+    LOOP
+        ord := v_submit.ordinality;
+        SELECT s.outcome, s.formula_id, s.name,
+               CASE WHEN s.outcome = 'replayed' THEN s.materials END,
+               s.fingerprint, s.message_id, s.created_at
           INTO outcome, formula_id, name, materials, fingerprint, message_id, created_at
-          FROM formulary.submit(p_owners[i], p_keys[i], p_body_digests[i], p_key_ttl,
-                                p_formula_ids[i], p_names[i], p_materials[i],
-                                p_fingerprints[i], p_message_ids[i], p_capacity) s;
+          FROM formulary.submit(v_submit.owner, v_submit.key, v_submit.body_digest, p_key_ttl,
+                                v_submit.formula_id, v_submit.name, v_submit.materials,
+                                v_submit.fingerprint, v_submit.message_id, p_capacity) s;
         RETURN NEXT;
     END LOOP;
 END;

@@ -16,9 +16,7 @@ SELECT pg_notify('formulary_messages', '');
 
 -- name: submit_many
 SELECT ord, outcome, formula_id, name, materials, fingerprint, message_id, created_at
-  FROM formulary.submit_many(%(owners)s, %(keys)s, %(body_digests)s, %(key_ttl)s,
-                             %(formula_ids)s, %(names)s, %(materials)s::jsonb[],
-                             %(fingerprints)s, %(message_ids)s, %(capacity)s)
+  FROM formulary.submit_many(%(group)s::jsonb, %(key_ttl)s, %(capacity)s)
  ORDER BY ord;
 
 -- name: formulas_by_id

@@ -1,0 +1,4 @@
+-- Version 4: formulary.submit_many takes its group as one JSON document
+-- (../functions.sql). No table changes. The version rises with every change to
+-- functions.sql, so that a broker from before refuses this database (exit 3)
+-- instead of putting its own functions back at its next start.
