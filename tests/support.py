@@ -379,6 +379,23 @@ def running_stack(durable: bool = False, **extra: str) -> Iterator[Stack]:
             stack.stop()
 
 
+def admin_cli(stack: Stack, *args: str) -> dict[str, Any]:
+    """``python -m broker.admin --json ARGS`` on ``stack``'s broker, as an operator types it."""
+    done = subprocess.run(
+        [sys.executable, "-m", "broker.admin", "--json", *args],
+        cwd=ROOT,
+        env=stack.env.env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    reply: dict[str, Any] = json.loads(done.stdout)
+    assert reply["ok"] is True, reply
+    return reply
+
+
 ACCESS = re.compile(r"api\.access \[(\d+)\] (.*)$")
 """An access log line: the gunicorn worker's pid, then the line's fields."""
 

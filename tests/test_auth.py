@@ -17,8 +17,6 @@ import itertools
 import json
 import logging
 import stat
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -46,6 +44,7 @@ from tests.support import (
     Http,
     Response,
     Stack,
+    admin_cli,
     answered_by,
     running_stack,
     wait_for,
@@ -461,7 +460,7 @@ def challenge(response: Response) -> str | None:
 def test_every_kind_of_401_over_http_has_its_challenge_and_stores_nothing(keyed) -> None:
     before = keyed.stored()
     revoked_id, revoked = keyed.key("revoked", (SUBMIT,))
-    admin("revoke", keyed.stack, revoked_id)
+    admin_cli(keyed.stack, "key", "revoke", revoked_id)
     cases: list[tuple[Http, dict[str, str], str]] = [
         (keyed.anonymous(), {}, CHALLENGE),
         (keyed.anonymous(), {"Authorization": "Basic dXNlcjpwYXNz"}, CHALLENGE),
@@ -524,23 +523,6 @@ def test_401_403_and_their_headers_are_answered_as_the_openapi_document_says(key
             assert response.status_code == status, (path, method, response.text)
 
 
-def admin(command: str, stack: Stack, *args: str) -> dict[str, Any]:
-    """``python -m broker.admin key COMMAND ...``, as an operator types it."""
-    done = subprocess.run(
-        [sys.executable, "-m", "broker.admin", "--json", "key", command, *args],
-        cwd=ROOT,
-        env=stack.env.env(),
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr
-    reply: dict[str, Any] = json.loads(done.stdout)
-    assert reply["ok"] is True, reply
-    return reply
-
-
 @pytest.mark.processes
 def test_a_revoked_key_is_refused_by_both_gunicorn_workers_within_2_seconds(keyed) -> None:
     stack = keyed.stack
@@ -566,7 +548,7 @@ def test_a_revoked_key_is_refused_by_both_gunicorn_workers_within_2_seconds(keye
     warm = len(sent)
     with ThreadPoolExecutor(8) as pool:
         list(pool.map(ask, range(16)))  # the last answers cached before the revocation
-    admin("revoke", stack, key_id)
+    admin_cli(stack, "key", "revoke", key_id)
     revoked_at = time.monotonic()
     while time.monotonic() < revoked_at + 3.0:
         with ThreadPoolExecutor(8) as pool:

@@ -9,7 +9,6 @@ through either host's broker or straight from the database.
 from __future__ import annotations
 
 import http.client
-import json
 import signal
 import subprocess
 import sys
@@ -27,10 +26,10 @@ import pytest
 from broker.errors import StaleReceipt
 from tests.conftest import call_failed
 from tests.support import (
-    ROOT,
     Process,
     Response,
     Stack,
+    admin_cli,
     broker_process,
     environment,
     free_port,
@@ -143,22 +142,6 @@ def stored(dsn: str) -> dict[str, Any]:
     }
 
 
-def admin(host: Stack, command: str) -> dict[str, Any]:
-    """One command through the host's admin CLI, as an operator types it."""
-    done = subprocess.run(
-        [sys.executable, "-m", "broker.admin", "--json", *command.split()],
-        cwd=ROOT,
-        env=host.env.env(),
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr
-    reply: dict[str, Any] = json.loads(done.stdout)
-    return reply
-
-
 def post(host: Stack, body: dict[str, object], **headers: str) -> Response | None:
     """A POST to the host's API; None when the connection itself failed."""
     try:
@@ -217,7 +200,7 @@ def test_identical_submits_racing_on_two_hosts_store_one_formula_and_one_message
         assert (s.formulas, s.depth, s.in_flight, s.dead) == (1, 1, 0, 0)
     assert sum(s.published for s in stats) == sum(s.submitted for s in stats) == 1
     assert sum(s.duplicates for s in stats) == 15
-    operator_view = admin(a, "stats")
+    operator_view = admin_cli(a, "stats")
     assert (operator_view["formulas"], operator_view["depth"]) == (1, 1)
     assert stored(postgres_dsn) == {
         "formulas": 1,
@@ -564,5 +547,5 @@ def test_a_worker_killed_mid_handler_on_host_a_has_its_message_redelivered_to_ho
     stats_a, stats_b = a.client().stats(), b.client().stats()
     assert (stats_a.delivered, stats_a.processed) == (1, 0)
     assert (stats_b.delivered, stats_b.redelivered, stats_b.processed) == (1, 1, 1)
-    shown = admin(a, f"show {created['id']}")
+    shown = admin_cli(a, "show", created["id"])
     assert shown["formula"]["status"] == "processed" and shown["message"] is None

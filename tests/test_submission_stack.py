@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from tests.support import SUMMER, Stack, running_stack, wait_for
+from tests.support import SUMMER, Stack, admin_cli, running_stack, wait_for
 
 pytestmark = pytest.mark.processes
 
@@ -160,16 +160,7 @@ def test_the_admin_socket_of_the_real_broker_is_owner_only_and_answers_the_cli(s
     mode = stat.S_IMODE(os.stat(stack.env.admin_socket).st_mode)
     assert mode == 0o600
     created = stack.http.post_json("/formulas", formula("admin-show")).json()
-    run = subprocess.run(
-        [sys.executable, "-m", "broker.admin", "--json", "show", created["id"]],
-        env=stack.env.env(),
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
-    assert run.returncode == 0, run.stderr
-    reply = json.loads(run.stdout)
-    assert reply["ok"] is True and reply["formula"]["id"] == created["id"]
+    assert admin_cli(stack, "show", created["id"])["formula"]["id"] == created["id"]
     stats = subprocess.run(
         [sys.executable, "-m", "broker.admin", "stats"],
         env=stack.env.env(),
