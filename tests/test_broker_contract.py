@@ -286,6 +286,69 @@ def test_submit_many_answers_each_submit_as_if_it_were_alone(remote) -> None:
     assert remote.submit_many([]) == []
 
 
+def test_a_group_without_keys_is_answered_one_submit_after_another(open_broker) -> None:
+    # The PostgreSQL engine stores such a group with one INSERT: the answers must still be those
+    # of each submit in turn, the queue's room going to the earliest, in group order.
+    broker = open_broker(queue_capacity=4)
+    known = broker.submit(draft("Known", ("Known", "1"))).formula
+    a, b, c = (draft(name, (name, "2")) for name in ("A", "B", "C"))
+    known_again, d = draft("Known again", ("known", "1.0")), draft("D", ("D", "2"))
+    group = [a, known_again, a, b, c, d, c, b]
+    outcomes = broker.submit_many([(makeup, None) for makeup in group])
+    first_a, again_known, again_a, first_b, first_c, full, again_c, again_b = outcomes
+    for outcome, makeup in ((first_a, a), (first_b, b), (first_c, c)):
+        assert isinstance(outcome, Submission) and outcome.formula.name == makeup.name
+        assert outcome.formula.materials == makeup.materials and outcome.formula.status == "queued"
+    assert isinstance(full, QueueFull) and full.capacity == 4
+    for duplicate, first in ((again_known, known), (again_a, first_a.formula)):
+        assert isinstance(duplicate, DuplicateFormula) and duplicate.existing_id == first.id
+        assert duplicate.fingerprint == first.fingerprint and not duplicate.replayed
+    for duplicate, first in ((again_b, first_b.formula), (again_c, first_c.formula)):
+        assert isinstance(duplicate, DuplicateFormula) and duplicate.existing_id == first.id
+    stats = broker.stats()
+    assert (stats.formulas, stats.published, stats.depth) == (4, 4, 4)
+    assert (stats.duplicates, stats.refused_capacity) == (4, 1)
+    stored = [known, first_a.formula, first_b.formula, first_c.formula]
+    assert [f.id for f in broker.list_formulas(10).items] == [f.id for f in reversed(stored)]
+    assert [d.formula_id for d in broker.receive("w", 10, None, 0)] == [f.id for f in stored]
+
+
+def test_groups_racing_on_the_same_make_ups_store_each_once(open_broker) -> None:
+    # Four callers at once, each with a group of the same six make-ups in its own order (the
+    # embedded engine serialises them; PostgreSQL runs them on four connections at once).
+    broker = open_broker(queue_capacity=100)
+    makeups = [draft(f"F{i}", (f"M{i}", "1")) for i in range(6)]
+    orders = [makeups, makeups[::-1], makeups[3:] + makeups[:3], makeups[1::2] + makeups[::2]]
+    answers: dict[int, list[object]] = {}
+    barrier = threading.Barrier(len(orders))
+
+    def submit(n: int) -> None:
+        barrier.wait()
+        answers[n] = broker.submit_many([(m, None) for m in orders[n]])
+
+    threads = [threading.Thread(target=submit, args=(n,)) for n in range(len(orders))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert len(answers) == len(orders)
+    stored: dict[str, str] = {}
+    for n, outcomes in answers.items():
+        for makeup, outcome in zip(orders[n], outcomes, strict=True):
+            if isinstance(outcome, Submission):
+                assert makeup.fingerprint not in stored, "a make-up was accepted twice"
+                stored[makeup.fingerprint] = outcome.formula.id
+    assert set(stored) == {m.fingerprint for m in makeups}
+    for n, outcomes in answers.items():
+        for makeup, outcome in zip(orders[n], outcomes, strict=True):
+            if isinstance(outcome, DuplicateFormula):
+                assert outcome.existing_id == stored[makeup.fingerprint]
+            else:
+                assert isinstance(outcome, Submission)
+    stats = broker.stats()
+    assert (stats.formulas, stats.published, stats.depth, stats.duplicates) == (6, 6, 6, 18)
+
+
 def test_concurrent_submits_each_get_their_own_answer(remote) -> None:
     # Through the client these share round trips (the queue holds 3); each thread still gets the
     # answer to its own submit, and a make-up is stored once.

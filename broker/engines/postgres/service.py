@@ -128,10 +128,10 @@ class PostgresBroker(EngineCalls):
     def submit_many(self, requests: Sequence[SubmitRequest]) -> list[SubmitOutcome]:
         """Every submit of the group in one statement: one transaction, one WAL flush.
 
-        ``formulary.submit_many`` runs ``formulary.submit`` for each, in order,
-        each seeing the ones before it; if the transaction fails as a whole (a
-        deadlock between two groups racing on the same make-ups, say), each is
-        run again alone.
+        ``formulary.submit_many`` answers each as if it ran alone after the
+        ones before it (with one INSERT for a group without Idempotency-Keys);
+        if the transaction fails as a whole (a deadlock between two groups
+        racing on the same make-ups, say), each is run again alone.
         """
         if not requests:
             return []

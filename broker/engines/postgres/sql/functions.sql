@@ -28,9 +28,10 @@
 -- does), take back what this call wrote, and answer as the winner's answer
 -- says.
 --
--- Capacity: the count of live messages is read as committed, so submits
--- committing at the same instant on different connections may together pass
--- the capacity by at most the number of such connections.
+-- Capacity: the count of live messages is read as committed (with this
+-- transaction's own), so transactions committing at the same instant on
+-- different connections may each fill the room they saw: together they pass
+-- the capacity by at most that room times their number less one.
 CREATE FUNCTION formulary.submit(
     p_owner text,
     p_key text,
@@ -154,13 +155,19 @@ BEGIN
 END;
 $$;
 
--- A group of submits, in order, as one transaction: formulary.submit for each,
--- each seeing the ones before it; one commit (one WAL flush) for the group.
--- p_group is a JSON array, one object per submit (broker/engines/postgres/
--- convert.py writes it): one parameter, however large the group, instead of an
--- array per field, which cost the broker more to send than the submit itself.
--- ord numbers the answers. Materials come back only for a replayed 202: the
--- broker has them for a new formula, and a 409 does not show them.
+-- A group of submits, in order, as one transaction: one commit (one WAL flush)
+-- for the group, and each submit answered as if it ran alone after the ones
+-- before it. p_group is a JSON array, one object per submit (broker/engines/
+-- postgres/convert.py writes it): one parameter, however large the group,
+-- instead of an array per field, which cost the broker more to send than the
+-- submit itself. ord numbers the answers. Materials come back only for a
+-- replayed 202: the broker has them for a new formula, and a 409 does not show
+-- them.
+--
+-- A group of two or more submits without an Idempotency-Key goes to
+-- formulary.submit_unkeyed, a few statements for the whole group; any other
+-- group runs formulary.submit for each submit in turn (for a single submit
+-- that costs the database less).
 CREATE FUNCTION formulary.submit_many(
     p_group jsonb,
     p_key_ttl double precision,
@@ -178,6 +185,10 @@ CREATE FUNCTION formulary.submit_many(
 DECLARE
     v_submit record;
 BEGIN
+    IF jsonb_array_length(p_group) > 1 AND NOT jsonb_path_exists(p_group, '$[*] ? (@.key != null)') THEN
+        RETURN QUERY SELECT * FROM formulary.submit_unkeyed(p_group, p_capacity);
+        RETURN;
+    END IF;
     FOR v_submit IN
         SELECT * FROM ROWS FROM (jsonb_to_recordset(p_group) AS (
                  owner text, key text, body_digest text, formula_id text, name text,
@@ -194,6 +205,90 @@ BEGIN
                                 v_submit.fingerprint, v_submit.message_id, p_capacity) s;
         RETURN NEXT;
     END LOOP;
+END;
+$$;
+
+-- submit_many's group when no submit in it has an Idempotency-Key: the same
+-- answers as formulary.submit for each in turn, from one INSERT of the new
+-- make-ups (and of their messages) and one SELECT of the answers.
+--
+-- The new make-ups are those no stored formula has, each taken at its first
+-- submit in the group; as many of them as the queue has room for, in group
+-- order, are stored. A make-up another transaction stores meanwhile is left to
+-- it (the unique index waits for that transaction): the answers are read
+-- afterwards, in a statement of their own that sees what committed, so each
+-- submit is answered by the formula that now holds its make-up: its own
+-- (202), another's (409), or none (the queue was full). Capacity is as in
+-- formulary.submit, except that room counted for a make-up another
+-- transaction stored first is not given to a later submit of the group: that
+-- one is refused (503) where one at a time it might have fitted.
+--
+-- The fingerprint lookups are scalar subqueries on purpose: written as NOT
+-- EXISTS or a join, the planner may hash the whole formulas table for a
+-- group of a few rows.
+CREATE FUNCTION formulary.submit_unkeyed(
+    p_group jsonb,
+    p_capacity bigint
+) RETURNS TABLE (
+    ord integer,
+    outcome text,
+    formula_id text,
+    name text,
+    materials jsonb,
+    fingerprint text,
+    message_id text,
+    created_at double precision
+) LANGUAGE plpgsql AS $$
+#variable_conflict use_column
+DECLARE
+    v_room bigint;
+    v_stored integer;
+BEGIN
+    SELECT p_capacity - sum(c.live) INTO v_room FROM formulary.counters c;
+    WITH submits AS (
+        SELECT * FROM ROWS FROM (jsonb_to_recordset(p_group) AS (
+                 formula_id text, name text, materials jsonb, fingerprint text, message_id text))
+             WITH ORDINALITY AS g
+    ), new_makeups AS (
+        SELECT DISTINCT ON (s.fingerprint) s.*
+          FROM submits s
+         WHERE (SELECT f.seq FROM formulary.formulas f
+                 WHERE f.fingerprint = s.fingerprint LIMIT 1) IS NULL
+         ORDER BY s.fingerprint, s.ordinality
+    ), room AS (
+        SELECT * FROM new_makeups n ORDER BY n.ordinality LIMIT greatest(v_room, 0)
+    ), stored AS (
+        INSERT INTO formulary.formulas AS f
+               (id, name, materials, fingerprint, message_id, created_at)
+        SELECT r.formula_id, r.name, r.materials, r.fingerprint, r.message_id, clock_timestamp()
+          FROM room r ORDER BY r.ordinality
+        ON CONFLICT (fingerprint) DO NOTHING
+        RETURNING f.id, f.fingerprint, f.message_id
+    ), published AS (
+        INSERT INTO formulary.messages (id, formula_id, fingerprint, state, visible_at)
+        SELECT s.message_id, s.id, s.fingerprint, 'ready', now()
+          FROM stored s JOIN room r ON r.formula_id = s.id
+         ORDER BY r.ordinality
+        RETURNING 1
+    )
+    SELECT count(*) INTO v_stored FROM published;
+    IF v_stored > 0 THEN
+        UPDATE formulary.counters c SET live = c.live + v_stored, formulas = c.formulas + v_stored
+         WHERE c.slot = pg_backend_pid() % 16;
+        PERFORM pg_notify('formulary_messages', '');
+    END IF;
+    RETURN QUERY
+        SELECT s.ordinality::integer,
+               CASE WHEN f.id IS NULL THEN 'full'
+                    WHEN f.id = s.formula_id THEN 'accepted'
+                    ELSE 'duplicate' END,
+               f.id, f.name, NULL::jsonb, f.fingerprint, f.message_id,
+               extract(epoch FROM f.created_at)::double precision
+          FROM ROWS FROM (jsonb_to_recordset(p_group) AS (formula_id text, fingerprint text))
+               WITH ORDINALITY AS s
+          LEFT JOIN LATERAL (SELECT * FROM formulary.formulas f
+                              WHERE f.fingerprint = s.fingerprint LIMIT 1) f ON true
+         ORDER BY s.ordinality;
 END;
 $$;
 
