@@ -131,7 +131,7 @@ def test_a_database_of_an_older_version_ends_as_a_new_one_and_keeps_its_keys(
         postgres_server.drop_database(fresh)
 
 
-FUNCTIONS_SQL: Final = (5, "8abd7eba24661513bce51ae5e49924edd3b42a0f223dcf0681b65f4adee86027")
+FUNCTIONS_SQL: Final = (5, "05d9dffbeb1a38b66434b0fd49e560a287dc2ff565e527f48c89f14852e8a152")
 """The schema version and the SHA-256 of functions.sql as shipped with it."""
 
 

@@ -223,6 +223,11 @@ $$;
 -- transaction stored first is not given to a later submit of the group: that
 -- one is refused (503) where one at a time it might have fitted.
 --
+-- Groups racing on the same new make-ups cannot deadlock here: each inserts
+-- its formulas in fingerprint order, so whichever waits on another's make-up
+-- holds none that the other still has to insert. The formulas still number
+-- (seq) and date in group order, and their messages queue in it.
+--
 -- The fingerprint lookups are scalar subqueries on purpose: written as NOT
 -- EXISTS or a join, the planner may hash the whole formulas table for a
 -- group of a few rows.
@@ -256,12 +261,17 @@ BEGIN
                  WHERE f.fingerprint = s.fingerprint LIMIT 1) IS NULL
          ORDER BY s.fingerprint, s.ordinality
     ), room AS (
-        SELECT * FROM new_makeups n ORDER BY n.ordinality LIMIT greatest(v_room, 0)
+        SELECT n.*, nextval(pg_get_serial_sequence('formulary.formulas', 'seq')) AS seq,
+               clock_timestamp() AS created_at
+          FROM (SELECT * FROM new_makeups n ORDER BY n.ordinality
+                 LIMIT greatest(v_room, 0)) n
     ), stored AS (
         INSERT INTO formulary.formulas AS f
-               (id, name, materials, fingerprint, message_id, created_at)
-        SELECT r.formula_id, r.name, r.materials, r.fingerprint, r.message_id, clock_timestamp()
-          FROM room r ORDER BY r.ordinality
+               (seq, id, name, materials, fingerprint, message_id, created_at)
+        OVERRIDING SYSTEM VALUE
+        SELECT r.seq, r.formula_id, r.name, r.materials, r.fingerprint, r.message_id,
+               r.created_at
+          FROM room r ORDER BY r.fingerprint
         ON CONFLICT (fingerprint) DO NOTHING
         RETURNING f.id, f.fingerprint, f.message_id
     ), published AS (
