@@ -19,7 +19,8 @@ from typing import Any
 
 import pytest
 
-from bench.soak import Answer, Submission, check
+from bench.soak_check import check
+from bench.soak_clients import Answer, Submission
 
 ROOT = Path(__file__).resolve().parent.parent
 MUST_BE_ZERO = (
