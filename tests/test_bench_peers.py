@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import peers
+from bench import peers, peers_config, peers_servers
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -45,7 +45,7 @@ def test_the_short_peers_run_exits_0_and_prints_a_row_per_server(tmp_path: Path)
     # The no-op, Formulary on its journal, and one Flask peer (two if redis is here):
     # enough to see every kind of server start, take load and stop.
     wanted = ("noop", "seed", "redis_fsync", "formulary")
-    servers = [key for key in wanted if key in peers.available_servers()]
+    servers = [key for key in wanted if key in peers_servers.available_servers()]
     assert {"noop", "formulary"} <= set(servers)
     out = tmp_path / "peers.json"
     done = subprocess.run(
@@ -62,7 +62,7 @@ def test_the_short_peers_run_exits_0_and_prints_a_row_per_server(tmp_path: Path)
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-4000:]
     for key in servers:
-        title = peers.BY_KEY[key].title
+        title = peers_config.BY_KEY[key].title
         row = next((line for line in done.stdout.splitlines() if line.startswith(f"| {title}")), "")
         assert row, f"no row for {key}:\n{done.stdout}"
         assert "not run" not in row and "failed" not in row, row
