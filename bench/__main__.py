@@ -271,8 +271,8 @@ def http_phase(config: Config, plan: Plan, results: report.Results) -> None:
                     per_host.append(each)
         for started in stacks:  # every gunicorn stops at once, not one after another
             started.terminate_clients()
-    for (key, engine), found in runs.items():
-        _add_scenario(results, key, Aggregate.of(found), engine)
+    for (scenario, engine), found in runs.items():
+        _add_scenario(results, scenario, Aggregate.of(found), engine)
     if per_host:
         results.hosts = [Aggregate.of(list(host)) for host in zip(*per_host, strict=True)]
 

@@ -428,11 +428,11 @@ def render(results: Results) -> str:
     if scale:
         lines += ["", *scale]
     if results.memory is not None:
-        m = results.memory
+        memory = results.memory
         lines += [
             "",
-            f"Broker memory (tracemalloc, {m.count:,} submits each, `bench/memory.py`): "
-            f"{m.formula_bytes:,.0f} B per formula, {m.key_bytes:,.0f} B more per "
+            f"Broker memory (tracemalloc, {memory.count:,} submits each, `bench/memory.py`): "
+            f"{memory.formula_bytes:,.0f} B per formula, {memory.key_bytes:,.0f} B more per "
             "Idempotency-Key.",
         ]
     lines += verdict_rows(targets(results), results.warnings)

@@ -256,7 +256,7 @@ class Stack:
 
         def answers() -> bool:
             broker.check_alive()
-            return probe.ping()
+            return bool(probe.ping())
 
         try:
             wait_until(answers, timeout=START_TIMEOUT, what="the broker to answer ping")

@@ -282,7 +282,7 @@ def wait_for_broker(env: Environment, process: Process, timeout: float = 20.0) -
 
     def up() -> bool:
         assert process.alive(), f"broker exited:\n{process.output()}"
-        return client.ping()
+        return bool(client.ping())
 
     wait_for(up, timeout=timeout, what="the broker to answer")
     client.close()
