@@ -26,6 +26,9 @@ already closed when we wrote to it. Otherwise the caller gets
 Submits share round trips: the submits this process's threads make while one
 ``submit_many`` is under way wait for it to end and go together in the next
 (``broker.group``), each still its own atomic step with its own answer.
+Reads of a formula by id share them the same way (``get_formulas``); a read
+that waits goes in the next group, so it sees everything committed before
+it was asked.
 """
 
 from __future__ import annotations
@@ -38,11 +41,12 @@ from multiprocessing import AuthenticationError
 from multiprocessing.managers import RemoteError
 from typing import TYPE_CHECKING, Any
 
-from broker.errors import BrokerUnavailable, FormularyError
+from broker.errors import BrokerUnavailable, FormulaNotFound, FormularyError
 from broker.formula import FormulaDraft
 from broker.group import GroupCommit
 from broker.interface import (
     METHODS,
+    FormulaView,
     IdempotencyKey,
     Submission,
     SubmitOutcome,
@@ -76,6 +80,7 @@ class BrokerClient:
         self._idle: list[BrokerConnection] = []
         self._slots = threading.BoundedSemaphore(max_connections)
         self._submits: GroupCommit[SubmitRequest, Submission] = GroupCommit(self._submit_group)
+        self._reads: GroupCommit[str, FormulaView] = GroupCommit(self._read_group)
 
     def submit(self, draft: FormulaDraft, idempotency: IdempotencyKey | None = None) -> Submission:
         self._after_fork()
@@ -84,6 +89,17 @@ class BrokerClient:
     def _submit_group(self, requests: Sequence[SubmitRequest]) -> list[SubmitOutcome]:
         outcomes: list[SubmitOutcome] = self.call("submit_many", requests)
         return outcomes
+
+    def get_formula(self, formula_id: str) -> FormulaView:
+        self._after_fork()
+        return self._reads(formula_id)
+
+    def _read_group(self, formula_ids: Sequence[str]) -> list[FormulaView | FormulaNotFound]:
+        views: list[FormulaView | None] = self.call("get_formulas", list(formula_ids))
+        return [
+            FormulaNotFound(formula_id) if view is None else view
+            for formula_id, view in zip(formula_ids, views, strict=True)
+        ]
 
     def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
         """``method`` on the broker, reconnecting and retrying as the module says."""
@@ -133,6 +149,7 @@ class BrokerClient:
             self._idle = []
             self._slots = threading.BoundedSemaphore(self._max_connections)
             self._submits = GroupCommit(self._submit_group)
+            self._reads = GroupCommit(self._read_group)
 
     def _take(self) -> BrokerConnection:
         with self._lock:

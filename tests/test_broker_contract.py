@@ -376,6 +376,34 @@ def test_concurrent_submits_each_get_their_own_answer(remote) -> None:
     assert remote.stats().formulas == 3 and remote.stats().duplicates == 13
 
 
+def test_concurrent_reads_each_get_their_own_answer(remote) -> None:
+    # Through the client, reads made at once share round trips (one get_formulas); each thread
+    # still gets its own formula, or FormulaNotFound naming its own id.
+    ids = [remote.submit(draft(f"F{i}", (f"M{i}", "1"))).formula.id for i in range(3)]
+    wanted = [*ids, "no-such-formula"] * 4
+    results: dict[int, object] = {}
+    barrier = threading.Barrier(len(wanted))
+
+    def read(i: int) -> None:
+        barrier.wait()
+        try:
+            results[i] = remote.get_formula(wanted[i]).id
+        except FormulaNotFound as exc:
+            results[i] = exc
+
+    threads = [threading.Thread(target=read, args=(i,)) for i in range(len(wanted))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert len(results) == len(wanted)
+    for i, result in results.items():
+        if wanted[i] in ids:
+            assert result == wanted[i]
+        else:
+            assert isinstance(result, FormulaNotFound) and result.formula_id == wanted[i]
+
+
 def test_capacity_refuses_with_queue_full_until_a_message_is_acked(remote) -> None:
     for i in range(3):
         remote.submit(draft(f"F{i}", (f"M{i}", "1")))
