@@ -131,7 +131,7 @@ def test_a_database_of_an_older_version_ends_as_a_new_one_and_keeps_its_keys(
         postgres_server.drop_database(fresh)
 
 
-FUNCTIONS_SQL: Final = (5, "05d9dffbeb1a38b66434b0fd49e560a287dc2ff565e527f48c89f14852e8a152")
+FUNCTIONS_SQL: Final = (5, "a7c7c976902c67529e9a1c6db75065acc8daecbffba68c850ceb25d64f716740")
 """The schema version and the SHA-256 of functions.sql as shipped with it."""
 
 

@@ -164,53 +164,12 @@ $$;
 -- replayed 202: the broker has them for a new formula, and a 409 does not show
 -- them.
 --
--- A group of two or more submits without an Idempotency-Key goes to
--- formulary.submit_unkeyed, a few statements for the whole group; any other
--- group runs formulary.submit for each submit in turn (for a single submit
--- that costs the database less).
-CREATE FUNCTION formulary.submit_many(
-    p_group jsonb,
-    p_key_ttl double precision,
-    p_capacity bigint
-) RETURNS TABLE (
-    ord integer,
-    outcome text,
-    formula_id text,
-    name text,
-    materials jsonb,
-    fingerprint text,
-    message_id text,
-    created_at double precision
-) LANGUAGE plpgsql AS $$
-DECLARE
-    v_submit record;
-BEGIN
-    IF jsonb_array_length(p_group) > 1 AND NOT jsonb_path_exists(p_group, '$[*] ? (@.key != null)') THEN
-        RETURN QUERY SELECT * FROM formulary.submit_unkeyed(p_group, p_capacity);
-        RETURN;
-    END IF;
-    FOR v_submit IN
-        SELECT * FROM ROWS FROM (jsonb_to_recordset(p_group) AS (
-                 owner text, key text, body_digest text, formula_id text, name text,
-                 materials jsonb, fingerprint text, message_id text)) WITH ORDINALITY AS g
-         ORDER BY g.ordinality
-    LOOP
-        ord := v_submit.ordinality;
-        SELECT s.outcome, s.formula_id, s.name,
-               CASE WHEN s.outcome = 'replayed' THEN s.materials END,
-               s.fingerprint, s.message_id, s.created_at
-          INTO outcome, formula_id, name, materials, fingerprint, message_id, created_at
-          FROM formulary.submit(v_submit.owner, v_submit.key, v_submit.body_digest, p_key_ttl,
-                                v_submit.formula_id, v_submit.name, v_submit.materials,
-                                v_submit.fingerprint, v_submit.message_id, p_capacity) s;
-        RETURN NEXT;
-    END LOOP;
-END;
-$$;
-
--- submit_many's group when no submit in it has an Idempotency-Key: the same
--- answers as formulary.submit for each in turn, from one INSERT of the new
--- make-ups (and of their messages) and one SELECT of the answers.
+-- A group of two or more submits without an Idempotency-Key is stored by one
+-- INSERT of its new make-ups (and of their messages) and answered by one
+-- SELECT, with the same answers as formulary.submit for each in turn; any
+-- other group runs formulary.submit for each submit (for a single submit that
+-- costs the database less; with a key, a key another transaction claims
+-- meanwhile means taking the stored formula back).
 --
 -- The new make-ups are those no stored formula has, each taken at its first
 -- submit in the group; as many of them as the queue has room for, in group
@@ -231,8 +190,9 @@ $$;
 -- The fingerprint lookups are scalar subqueries on purpose: written as NOT
 -- EXISTS or a join, the planner may hash the whole formulas table for a
 -- group of a few rows.
-CREATE FUNCTION formulary.submit_unkeyed(
+CREATE FUNCTION formulary.submit_many(
     p_group jsonb,
+    p_key_ttl double precision,
     p_capacity bigint
 ) RETURNS TABLE (
     ord integer,
@@ -246,59 +206,80 @@ CREATE FUNCTION formulary.submit_unkeyed(
 ) LANGUAGE plpgsql AS $$
 #variable_conflict use_column
 DECLARE
+    v_submit record;
     v_room bigint;
     v_stored integer;
 BEGIN
-    SELECT p_capacity - sum(c.live) INTO v_room FROM formulary.counters c;
-    WITH submits AS (
-        SELECT * FROM ROWS FROM (jsonb_to_recordset(p_group) AS (
-                 formula_id text, name text, materials jsonb, fingerprint text, message_id text))
-             WITH ORDINALITY AS g
-    ), new_makeups AS (
-        SELECT DISTINCT ON (s.fingerprint) s.*
-          FROM submits s
-         WHERE (SELECT f.seq FROM formulary.formulas f
-                 WHERE f.fingerprint = s.fingerprint LIMIT 1) IS NULL
-         ORDER BY s.fingerprint, s.ordinality
-    ), room AS (
-        SELECT n.*, nextval(pg_get_serial_sequence('formulary.formulas', 'seq')) AS seq,
-               clock_timestamp() AS created_at
-          FROM (SELECT * FROM new_makeups n ORDER BY n.ordinality
-                 LIMIT greatest(v_room, 0)) n
-    ), stored AS (
-        INSERT INTO formulary.formulas AS f
-               (seq, id, name, materials, fingerprint, message_id, created_at)
-        OVERRIDING SYSTEM VALUE
-        SELECT r.seq, r.formula_id, r.name, r.materials, r.fingerprint, r.message_id,
-               r.created_at
-          FROM room r ORDER BY r.fingerprint
-        ON CONFLICT (fingerprint) DO NOTHING
-        RETURNING f.id, f.fingerprint, f.message_id
-    ), published AS (
-        INSERT INTO formulary.messages (id, formula_id, fingerprint, state, visible_at)
-        SELECT s.message_id, s.id, s.fingerprint, 'ready', now()
-          FROM stored s JOIN room r ON r.formula_id = s.id
-         ORDER BY r.ordinality
-        RETURNING 1
-    )
-    SELECT count(*) INTO v_stored FROM published;
-    IF v_stored > 0 THEN
-        UPDATE formulary.counters c SET live = c.live + v_stored, formulas = c.formulas + v_stored
-         WHERE c.slot = pg_backend_pid() % 16;
-        PERFORM pg_notify('formulary_messages', '');
+    IF jsonb_array_length(p_group) > 1
+       AND NOT jsonb_path_exists(p_group, '$[*] ? (@.key != null)') THEN
+        SELECT p_capacity - sum(c.live) INTO v_room FROM formulary.counters c;
+        WITH submits AS (
+            SELECT * FROM ROWS FROM (jsonb_to_recordset(p_group) AS (
+                     formula_id text, name text, materials jsonb, fingerprint text, message_id text))
+                 WITH ORDINALITY AS g
+        ), new_makeups AS (
+            SELECT DISTINCT ON (s.fingerprint) s.*
+              FROM submits s
+             WHERE (SELECT f.seq FROM formulary.formulas f
+                     WHERE f.fingerprint = s.fingerprint LIMIT 1) IS NULL
+             ORDER BY s.fingerprint, s.ordinality
+        ), room AS (
+            SELECT n.*, nextval(pg_get_serial_sequence('formulary.formulas', 'seq')) AS seq,
+                   clock_timestamp() AS created_at
+              FROM (SELECT * FROM new_makeups n ORDER BY n.ordinality
+                     LIMIT greatest(v_room, 0)) n
+        ), stored AS (
+            INSERT INTO formulary.formulas AS f
+                   (seq, id, name, materials, fingerprint, message_id, created_at)
+            OVERRIDING SYSTEM VALUE
+            SELECT r.seq, r.formula_id, r.name, r.materials, r.fingerprint, r.message_id,
+                   r.created_at
+              FROM room r ORDER BY r.fingerprint
+            ON CONFLICT (fingerprint) DO NOTHING
+            RETURNING f.id, f.fingerprint, f.message_id
+        ), published AS (
+            INSERT INTO formulary.messages (id, formula_id, fingerprint, state, visible_at)
+            SELECT s.message_id, s.id, s.fingerprint, 'ready', now()
+              FROM stored s JOIN room r ON r.formula_id = s.id
+             ORDER BY r.ordinality
+            RETURNING 1
+        )
+        SELECT count(*) INTO v_stored FROM published;
+        IF v_stored > 0 THEN
+            UPDATE formulary.counters c SET live = c.live + v_stored, formulas = c.formulas + v_stored
+             WHERE c.slot = pg_backend_pid() % 16;
+            PERFORM pg_notify('formulary_messages', '');
+        END IF;
+        RETURN QUERY
+            SELECT s.ordinality::integer,
+                   CASE WHEN f.id IS NULL THEN 'full'
+                        WHEN f.id = s.formula_id THEN 'accepted'
+                        ELSE 'duplicate' END,
+                   f.id, f.name, NULL::jsonb, f.fingerprint, f.message_id,
+                   extract(epoch FROM f.created_at)::double precision
+              FROM ROWS FROM (jsonb_to_recordset(p_group) AS (formula_id text, fingerprint text))
+                   WITH ORDINALITY AS s
+              LEFT JOIN LATERAL (SELECT * FROM formulary.formulas f
+                                  WHERE f.fingerprint = s.fingerprint LIMIT 1) f ON true
+             ORDER BY s.ordinality;
+        RETURN;
     END IF;
-    RETURN QUERY
-        SELECT s.ordinality::integer,
-               CASE WHEN f.id IS NULL THEN 'full'
-                    WHEN f.id = s.formula_id THEN 'accepted'
-                    ELSE 'duplicate' END,
-               f.id, f.name, NULL::jsonb, f.fingerprint, f.message_id,
-               extract(epoch FROM f.created_at)::double precision
-          FROM ROWS FROM (jsonb_to_recordset(p_group) AS (formula_id text, fingerprint text))
-               WITH ORDINALITY AS s
-          LEFT JOIN LATERAL (SELECT * FROM formulary.formulas f
-                              WHERE f.fingerprint = s.fingerprint LIMIT 1) f ON true
-         ORDER BY s.ordinality;
+    FOR v_submit IN
+        SELECT * FROM ROWS FROM (jsonb_to_recordset(p_group) AS (
+                 owner text, key text, body_digest text, formula_id text, name text,
+                 materials jsonb, fingerprint text, message_id text)) WITH ORDINALITY AS g
+         ORDER BY g.ordinality
+    LOOP
+        ord := v_submit.ordinality;
+        SELECT s.outcome, s.formula_id, s.name,
+               CASE WHEN s.outcome = 'replayed' THEN s.materials END,
+               s.fingerprint, s.message_id, s.created_at
+          INTO outcome, formula_id, name, materials, fingerprint, message_id, created_at
+          FROM formulary.submit(v_submit.owner, v_submit.key, v_submit.body_digest, p_key_ttl,
+                                v_submit.formula_id, v_submit.name, v_submit.materials,
+                                v_submit.fingerprint, v_submit.message_id, p_capacity) s;
+        RETURN NEXT;
+    END LOOP;
 END;
 $$;
 
