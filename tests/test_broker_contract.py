@@ -376,6 +376,68 @@ def test_concurrent_submits_each_get_their_own_answer(remote) -> None:
     assert remote.stats().formulas == 3 and remote.stats().duplicates == 13
 
 
+def test_a_group_with_new_keys_records_the_answer_each_key_got(open_broker) -> None:
+    # PostgreSQL stores such a group with one INSERT too, then records its keys: each key must
+    # replay the answer its submit got, and a key whose submit met a full queue is not kept.
+    broker = open_broker(queue_capacity=3)
+    broker.submit(draft("Known", ("Known", "1")))
+    a, b, c = (draft(name, (name, "2")) for name in ("A", "B", "C"))
+    first, again, plain, full = broker.submit_many(
+        [
+            (a, IdempotencyKey("k1", "a")),
+            (a, IdempotencyKey("k2", "a")),
+            (b, None),
+            (c, IdempotencyKey("k3", "c")),
+        ]
+    )
+    assert isinstance(first, Submission) and isinstance(plain, Submission)
+    assert isinstance(again, DuplicateFormula) and again.existing_id == first.formula.id
+    assert isinstance(full, QueueFull)
+    assert broker.submit(a, IdempotencyKey("k1", "a")) == replace(first, replayed=True)
+    with pytest.raises(DuplicateFormula) as replayed:
+        broker.submit(a, IdempotencyKey("k2", "a"))
+    assert replayed.value.replayed and replayed.value.existing_id == first.formula.id
+    with pytest.raises(IdempotencyKeyReused):
+        broker.submit(b, IdempotencyKey("k1", "b"))
+    [delivery] = broker.receive("w", 1)
+    assert broker.ack(delivery.receipt) is True
+    retried = broker.submit(c, IdempotencyKey("k3", "c"))
+    assert not retried.replayed and retried.formula.name == "C"
+
+
+def test_groups_racing_with_the_same_keys_give_each_key_one_answer(open_broker) -> None:
+    # Four callers at once send the same six keyed submits in their own orders, as a client
+    # retrying through several hosts would: each key is answered 202 once, and replayed after.
+    broker = open_broker(queue_capacity=100)
+    submits = [
+        (draft(f"F{i}", (f"M{i}", "1")), IdempotencyKey(f"k{i}", f"body{i}")) for i in range(6)
+    ]
+    orders = [submits, submits[::-1], submits[3:] + submits[:3], submits[1::2] + submits[::2]]
+    answers: dict[int, list[object]] = {}
+    barrier = threading.Barrier(len(orders))
+
+    def submit(n: int) -> None:
+        barrier.wait()
+        answers[n] = broker.submit_many(orders[n])
+
+    threads = [threading.Thread(target=submit, args=(n,)) for n in range(len(orders))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert len(answers) == len(orders)
+    by_key: dict[str, list[Submission]] = {}
+    for n, outcomes in answers.items():
+        for (_, key), outcome in zip(orders[n], outcomes, strict=True):
+            assert isinstance(outcome, Submission), outcome
+            by_key.setdefault(key.key, []).append(outcome)
+    for key, outcomes in by_key.items():
+        assert len({o.formula.id for o in outcomes}) == 1, key
+        assert sorted(o.replayed for o in outcomes) == [False, True, True, True], key
+    stats = broker.stats()
+    assert (stats.formulas, stats.published, stats.depth) == (6, 6, 6)
+
+
 def test_concurrent_reads_each_get_their_own_answer(remote) -> None:
     # Through the client, reads made at once share round trips (one get_formulas); each thread
     # still gets its own formula, or FormulaNotFound naming its own id.

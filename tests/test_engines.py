@@ -131,7 +131,7 @@ def test_a_database_of_an_older_version_ends_as_a_new_one_and_keeps_its_keys(
         postgres_server.drop_database(fresh)
 
 
-FUNCTIONS_SQL: Final = (5, "a7c7c976902c67529e9a1c6db75065acc8daecbffba68c850ceb25d64f716740")
+FUNCTIONS_SQL: Final = (5, "1a50ca613c003b0e7392746591e0f9cc6561fb3820ed7234df4da0092d37e6d8")
 """The schema version and the SHA-256 of functions.sql as shipped with it."""
 
 

@@ -129,9 +129,10 @@ class PostgresBroker(EngineCalls):
         """Every submit of the group in one statement: one transaction, one WAL flush.
 
         ``formulary.submit_many`` answers each as if it ran alone after the
-        ones before it (with one INSERT for a group without Idempotency-Keys);
-        if the transaction fails as a whole (a deadlock between two groups
-        racing on the same make-ups, say), each is run again alone.
+        ones before it (with one INSERT for a group whose Idempotency-Keys are
+        all new); if the transaction fails as a whole (a deadlock between two
+        groups racing on the same make-ups, or another host claiming one of
+        the group's keys meanwhile), each is run again alone.
         """
         if not requests:
             return []
@@ -140,7 +141,7 @@ class PostgresBroker(EngineCalls):
         except (psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailure):
             if len(requests) == 1:
                 raise StorageFailed("the submit lost a race twice; retry") from None
-            log.info("a group of %d submits met a deadlock; submitting each alone", len(requests))
+            log.info("a group of %d submits lost a race; submitting each alone", len(requests))
         outcomes: list[SubmitOutcome] = []
         for request in requests:
             try:

@@ -164,12 +164,15 @@ $$;
 -- replayed 202: the broker has them for a new formula, and a 409 does not show
 -- them.
 --
--- A group of two or more submits without an Idempotency-Key is stored by one
--- INSERT of its new make-ups (and of their messages) and answered by one
--- SELECT, with the same answers as formulary.submit for each in turn; any
--- other group runs formulary.submit for each submit (for a single submit that
--- costs the database less; with a key, a key another transaction claims
--- meanwhile means taking the stored formula back).
+-- A group of two or more submits whose Idempotency-Keys (if any) are all
+-- different and none of them known yet is stored by one INSERT of its new
+-- make-ups (and of their messages) and answered by one SELECT, with the same
+-- answers as formulary.submit for each in turn; then its keys are recorded
+-- with the answers they got. Should another transaction claim one of those
+-- keys meanwhile, the whole group fails with serialization_failure, and the
+-- broker runs each submit again alone. Any other group (a single submit,
+-- which costs the database less this way; a key repeated or already known,
+-- to be replayed) runs formulary.submit for each submit.
 --
 -- The new make-ups are those no stored formula has, each taken at its first
 -- submit in the group; as many of them as the queue has room for, in group
@@ -209,9 +212,20 @@ DECLARE
     v_submit record;
     v_room bigint;
     v_stored integer;
+    v_keys bigint := 0;
+    v_fresh_keys bigint := 0;
+    v_unclaimed bigint;
 BEGIN
-    IF jsonb_array_length(p_group) > 1
-       AND NOT jsonb_path_exists(p_group, '$[*] ? (@.key != null)') THEN
+    IF jsonb_path_exists(p_group, '$[*] ? (@.key != null)') THEN
+        SELECT count(*), count(DISTINCT (g.owner, g.key)) FILTER (
+                   WHERE NOT EXISTS (SELECT FROM formulary.idempotency_keys k
+                                      WHERE k.owner = g.owner AND k.key = g.key
+                                        AND k.expires_at > now()))
+          INTO v_keys, v_fresh_keys
+          FROM jsonb_to_recordset(p_group) AS g(owner text, key text)
+         WHERE g.key IS NOT NULL;
+    END IF;
+    IF jsonb_array_length(p_group) > 1 AND v_fresh_keys = v_keys THEN
         SELECT p_capacity - sum(c.live) INTO v_room FROM formulary.counters c;
         WITH submits AS (
             SELECT * FROM ROWS FROM (jsonb_to_recordset(p_group) AS (
@@ -262,6 +276,33 @@ BEGIN
               LEFT JOIN LATERAL (SELECT * FROM formulary.formulas f
                                   WHERE f.fingerprint = s.fingerprint LIMIT 1) f ON true
              ORDER BY s.ordinality;
+        IF v_keys > 0 THEN
+            -- A refused submit (the queue full) keeps no key, so its retry is a new try.
+            WITH answered AS (
+                SELECT g.owner, g.key, g.body_digest, f.id AS holder, f.id <> g.formula_id AS duplicate
+                  FROM jsonb_to_recordset(p_group)
+                       AS g(owner text, key text, body_digest text, formula_id text, fingerprint text)
+                  JOIN LATERAL (SELECT f.id FROM formulary.formulas f
+                                 WHERE f.fingerprint = g.fingerprint LIMIT 1) f ON true
+                 WHERE g.key IS NOT NULL
+            ), claimed AS (
+                INSERT INTO formulary.idempotency_keys AS k
+                       (owner, key, body_digest, formula_id, duplicate, expires_at)
+                SELECT a.owner, a.key, a.body_digest, a.holder, a.duplicate,
+                       now() + make_interval(secs => p_key_ttl)
+                  FROM answered a ORDER BY a.owner, a.key
+                ON CONFLICT (owner, key) DO UPDATE
+                   SET body_digest = excluded.body_digest, formula_id = excluded.formula_id,
+                       duplicate = excluded.duplicate, expires_at = excluded.expires_at
+                 WHERE k.expires_at <= now()
+                RETURNING 1
+            )
+            SELECT (SELECT count(*) FROM answered) - (SELECT count(*) FROM claimed) INTO v_unclaimed;
+            IF v_unclaimed > 0 THEN
+                RAISE EXCEPTION 'an idempotency key of this group was claimed meanwhile'
+                      USING ERRCODE = 'serialization_failure';
+            END IF;
+        END IF;
         RETURN;
     END IF;
     FOR v_submit IN

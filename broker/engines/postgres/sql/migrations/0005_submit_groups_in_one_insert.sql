@@ -1,0 +1,4 @@
+-- Version 5: formulary.submit_many stores a group of submits whose
+-- Idempotency-Keys are all new with one INSERT (../functions.sql) instead of
+-- a call of formulary.submit per submit. No table changes; the version rises
+-- with every change to functions.sql (see 0004).
