@@ -33,6 +33,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from bench.engines import start_postgres
 from bench.report import machine
 from bench.soak_chaos import Chaos
 from bench.soak_check import admin_stats, check, get_formula, read_stored, settle
@@ -83,6 +84,13 @@ def parse_args(argv: Sequence[str] | None) -> Config:
         help="where the figures go as JSON (default bench/results/soak.json)",
     )
     parser.add_argument(
+        "--engine",
+        choices=("embedded", "postgres"),
+        default="embedded",
+        help="where the broker keeps its state: the SQLite journal (default), or a PostgreSQL "
+        "server started for the run; the broker is restarted on the same one",
+    )
+    parser.add_argument(
         "--keep-logs",
         action="store_true",
         help="copy every process's log next to --out (soak-logs/) even when every check holds",
@@ -100,6 +108,7 @@ def parse_args(argv: Sequence[str] | None) -> Config:
         settle_timeout=args.settle_timeout,
         out=args.out,
         keep_logs=args.keep_logs,
+        engine=args.engine,
     )
 
 
@@ -109,8 +118,8 @@ def parse_args(argv: Sequence[str] | None) -> Config:
 class SoakStack(Stack):
     """The bench stack with a shorter lease, so a killed consumer's messages return sooner."""
 
-    def __init__(self, lease: float) -> None:
-        super().__init__("soak")
+    def __init__(self, lease: float, data: str | None = None) -> None:
+        super().__init__("soak", data)
         self.lease = lease
 
     def env(self, port: int | None = None) -> dict[str, str]:
@@ -124,7 +133,12 @@ def soak(config: Config) -> dict[str, Any]:
     ledger = Ledger()
     load_stop = threading.Event()
     abort = threading.Event()
-    with SoakStack(config.lease) as stack:
+    with contextlib.ExitStack() as resources:
+        data = None
+        if config.engine == "postgres":
+            server, data = start_postgres({})
+            resources.callback(server.stop)
+        stack = resources.enter_context(SoakStack(config.lease, data))
         stack.start_broker()
         port = stack.start_server("api")
         stack.start_workers(config.consumers)

@@ -28,3 +28,4 @@ class Config:
     settle_timeout: float
     out: Path
     keep_logs: bool
+    engine: str = "embedded"  # or "postgres": a throwaway PostgreSQL server for the run
