@@ -215,6 +215,7 @@ DECLARE
     v_keys bigint := 0;
     v_fresh_keys bigint := 0;
     v_unclaimed bigint;
+    v_holders text[];
 BEGIN
     IF jsonb_path_exists(p_group, '$[*] ? (@.key != null)') THEN
         SELECT count(*), count(DISTINCT (g.owner, g.key)) FILTER (
@@ -264,6 +265,12 @@ BEGIN
              WHERE c.slot = pg_backend_pid() % 16;
             PERFORM pg_notify('formulary_messages', '');
         END IF;
+        -- Which formula answers each submit, read once: the answers and the keys
+        -- must agree even if a make-up refused as full is stored meanwhile.
+        SELECT array_agg(f.id ORDER BY s.ordinality) INTO v_holders
+          FROM ROWS FROM (jsonb_to_recordset(p_group) AS (fingerprint text)) WITH ORDINALITY AS s
+          LEFT JOIN LATERAL (SELECT f.id FROM formulary.formulas f
+                              WHERE f.fingerprint = s.fingerprint LIMIT 1) f ON true;
         RETURN QUERY
             SELECT s.ordinality::integer,
                    CASE WHEN f.id IS NULL THEN 'full'
@@ -271,20 +278,20 @@ BEGIN
                         ELSE 'duplicate' END,
                    f.id, f.name, NULL::jsonb, f.fingerprint, f.message_id,
                    extract(epoch FROM f.created_at)::double precision
-              FROM ROWS FROM (jsonb_to_recordset(p_group) AS (formula_id text, fingerprint text))
+              FROM ROWS FROM (jsonb_to_recordset(p_group) AS (formula_id text))
                    WITH ORDINALITY AS s
               LEFT JOIN LATERAL (SELECT * FROM formulary.formulas f
-                                  WHERE f.fingerprint = s.fingerprint LIMIT 1) f ON true
+                                  WHERE f.id = v_holders[s.ordinality]) f ON true
              ORDER BY s.ordinality;
         IF v_keys > 0 THEN
             -- A refused submit (the queue full) keeps no key, so its retry is a new try.
             WITH answered AS (
-                SELECT g.owner, g.key, g.body_digest, f.id AS holder, f.id <> g.formula_id AS duplicate
-                  FROM jsonb_to_recordset(p_group)
-                       AS g(owner text, key text, body_digest text, formula_id text, fingerprint text)
-                  JOIN LATERAL (SELECT f.id FROM formulary.formulas f
-                                 WHERE f.fingerprint = g.fingerprint LIMIT 1) f ON true
-                 WHERE g.key IS NOT NULL
+                SELECT g.owner, g.key, g.body_digest, v_holders[g.ordinality] AS holder,
+                       v_holders[g.ordinality] <> g.formula_id AS duplicate
+                  FROM ROWS FROM (jsonb_to_recordset(p_group)
+                       AS (owner text, key text, body_digest text, formula_id text))
+                       WITH ORDINALITY AS g
+                 WHERE g.key IS NOT NULL AND v_holders[g.ordinality] IS NOT NULL
             ), claimed AS (
                 INSERT INTO formulary.idempotency_keys AS k
                        (owner, key, body_digest, formula_id, duplicate, expires_at)
