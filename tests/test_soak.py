@@ -125,8 +125,8 @@ def row_value(table: str, name: str) -> str:
 def test_a_30_second_soak_loses_nothing_stores_nothing_twice_and_recovers_from_each_kill(
     tmp_path: Path, engine: str
 ) -> None:
-    # On PostgreSQL the broker is SIGKILLed mid-transaction too, and its groups of keyed submits
-    # take the one-INSERT path: the same checks must hold.
+    # On PostgreSQL the broker is SIGKILLed under the same keyed load, with its groups of keyed
+    # submits on the one-INSERT path: the same checks must hold.
     out = tmp_path / "soak.json"
     options = ["--seconds", "30", "--clients", "4", "--engine", engine, "--out", str(out)]
     done = subprocess.run(
