@@ -1,6 +1,18 @@
-"""The gunicorn worker the API runs in: gevent's, letting idle connections go at shutdown.
+"""The gunicorn worker the API runs in: gevent's, fair between connections, letting idle ones go.
 
-gunicorn's gevent worker stops gracefully on SIGTERM: it stops accepting, then
+Fairness. A greenlet runs until it waits for something. One that reads a
+request whose bytes are already there, answers it without asking the broker
+(an error, a 404, ``/openapi.json``) and finds the next request there too
+never waits: a client that sends its requests back to back (pipelined) kept
+its worker to itself, and every other connection of that worker waited, for
+as long as the client kept sending (more than 30 s in a test). So before
+reading each request head, :class:`Worker` gives the other connections a
+turn: it sleeps until the event loop's next iteration, in which every
+connection with bytes waiting gets its turn. (``gevent.sleep(0)`` would only
+let greenlets already runnable go first; gevent documents that it may not
+let the loop poll for I/O.)
+
+Shutdown. gunicorn's gevent worker stops gracefully on SIGTERM: it stops accepting, then
 waits (up to ``graceful_timeout``) until every connection's greenlet has
 ended. A keep-alive connection idle between requests ends only when its
 keep-alive time runs out (``FORMULARY_READ_TIMEOUT``, 10 s by default), so one
@@ -24,9 +36,13 @@ from gunicorn.workers.ggevent import GeventWorker
 SHUTDOWN_HEAD_WAIT = 1.0
 """Seconds a connection accepted just before shutdown has to send its request head."""
 
+NEXT_LOOP_ITERATION = 1e-6
+"""A sleep this short ends in the event loop's next iteration, after the other connections'."""
+
 
 class Worker(GeventWorker):  # type: ignore[misc]  # gunicorn is untyped
-    """gunicorn's gevent worker; waits for a request head end when shutdown starts."""
+    """gunicorn's gevent worker: others get a turn before each request head is read,
+    and the waits for a request head end when shutdown starts."""
 
     def init_process(self) -> None:
         self.waiting_for_head: dict[gevent.Greenlet, gevent.Timeout] = {}
@@ -36,6 +52,7 @@ class Worker(GeventWorker):  # type: ignore[misc]  # gunicorn is untyped
     def timeout_ctx(self) -> Iterator[None]:
         # gunicorn reads every request head, the first on a connection and
         # each keep-alive one after, under this context.
+        gevent.sleep(NEXT_LOOP_ITERATION)  # the other connections' turn first
         seconds = self.cfg.keepalive if self.alive else min(self.cfg.keepalive, SHUTDOWN_HEAD_WAIT)
         timer = gevent.Timeout(seconds, False)  # False: running out ends the wait quietly
         me = gevent.getcurrent()

@@ -12,6 +12,7 @@ import contextlib
 import http.client
 import socket
 import statistics
+import threading
 import time
 from collections.abc import Iterator
 
@@ -149,6 +150,55 @@ def test_a_stop_closes_idle_keep_alive_connections_instead_of_waiting_them_out()
             assert answer_or_close(connection.sock) == b""  # closed cleanly, nothing owed
             connection.close()
         assert "graceful timeout" not in stack.api.output().lower()
+
+
+def test_a_client_sending_requests_back_to_back_does_not_starve_the_others_on_its_worker() -> None:
+    # One API worker, so both clients share it. The greedy client pipelines requests that need no
+    # broker (404, or 401 first with keys required), so its socket always has the next one
+    # waiting: unless the worker gives the other connections a turn between its requests, it
+    # serves that client alone (GET /health went unanswered for more than 30 s).
+    with running_stack(FORMULARY_WEB_WORKERS="1") as stack:
+        port = stack.env.port
+        greedy = open_socket(port)
+        stop = threading.Event()
+        answers = [0]
+
+        def send() -> None:
+            burst = b"GET /no-such-path HTTP/1.1\r\nHost: x\r\n\r\n" * 100
+            with contextlib.suppress(OSError):
+                while not stop.is_set():
+                    greedy.sendall(burst)
+
+        def receive() -> None:
+            with contextlib.suppress(OSError):
+                while chunk := greedy.recv(65536):
+                    answers[0] += chunk.count(b"HTTP/1.1 4")
+
+        threads = [threading.Thread(target=send), threading.Thread(target=receive)]
+        for thread in threads:
+            thread.start()
+        try:
+            wait_for(lambda: answers[0] >= 1000, timeout=30, what="the greedy client's answers")
+            session = requests.Session()
+            latencies = []
+            for _ in range(20):
+                started = time.monotonic()
+                try:
+                    response = session.get(f"http://127.0.0.1:{port}/health", timeout=5)
+                except requests.Timeout:
+                    pytest.fail("GET /health got no answer in 5 s beside the greedy client")
+                assert response.status_code == 200
+                latencies.append(time.monotonic() - started)
+            served_meanwhile = answers[0]
+            assert max(latencies) < 1.0, latencies
+            # ...and the greedy client was still being served, not starved in turn.
+            wait_for(lambda: answers[0] > served_meanwhile, timeout=10, what="more answers")
+        finally:
+            stop.set()
+            greedy.shutdown(socket.SHUT_RDWR)
+            greedy.close()
+            for thread in threads:
+                thread.join(timeout=10)
 
 
 # -- keep-alive after errors ------------------------------------------------------------
