@@ -131,7 +131,7 @@ def test_a_database_of_an_older_version_ends_as_a_new_one_and_keeps_its_keys(
         postgres_server.drop_database(fresh)
 
 
-FUNCTIONS_SQL: Final = (5, "86ca112e5a6c2f86b28589ef4f4da14f13b12180ff79cade518fcbe82434b097")
+FUNCTIONS_SQL: Final = (6, "475217e5592f7903aa1c8655d92bfe495d4822c6c4ea80ff05221401acdb7b32")
 """The schema version and the SHA-256 of functions.sql as shipped with it."""
 
 

@@ -402,7 +402,9 @@ class PostgresBroker(EngineCalls):
             return
         self._last_sweep = now
         with self._connection() as connection:
-            forgotten = connection.execute(query("forget_expired_keys")).rowcount
+            # Planned afresh each time (not prepared): a plan cached while the
+            # table was small would scan it whole once it has grown.
+            forgotten = connection.execute(query("forget_expired_keys"), prepare=False).rowcount
         if forgotten:
             log.info("forgot %d expired idempotency keys", forgotten)
 

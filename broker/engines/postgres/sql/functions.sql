@@ -190,9 +190,11 @@ $$;
 -- holds none that the other still has to insert. The formulas still number
 -- (seq) and date in group order, and their messages queue in it.
 --
--- The fingerprint lookups are scalar subqueries on purpose: written as NOT
--- EXISTS or a join, the planner may hash the whole formulas table for a
--- group of a few rows.
+-- Every lookup of a formula, by fingerprint or by id, is a scalar subquery or
+-- a LATERAL ... LIMIT 1 on purpose: written as NOT EXISTS or a join, the
+-- planner may hash the whole formulas table for a group of a few rows, and a
+-- plan cached while the table was small goes on doing so as it grows
+-- (tests/test_postgres_plans.py).
 CREATE FUNCTION formulary.submit_many(
     p_group jsonb,
     p_key_ttl double precision,
@@ -281,7 +283,7 @@ BEGIN
               FROM ROWS FROM (jsonb_to_recordset(p_group) AS (formula_id text))
                    WITH ORDINALITY AS s
               LEFT JOIN LATERAL (SELECT * FROM formulary.formulas f
-                                  WHERE f.id = v_holders[s.ordinality]) f ON true
+                                  WHERE f.id = v_holders[s.ordinality] LIMIT 1) f ON true
              ORDER BY s.ordinality;
         IF v_keys > 0 THEN
             -- A refused submit (the queue full) keeps no key, so its retry is a new try.
@@ -366,23 +368,27 @@ $$;
 -- Dead-letter the messages whose last allowed delivery's lease has expired
 -- (and any visible message past the limit, should the limit have been lowered).
 -- Run at the start of every call that lists, counts or leases messages, so
--- that what it sees is settled; returns how many it buried.
+-- that what it sees is settled; returns how many it buried. Each is updated
+-- by its id: joined to the list of due messages instead, a plan cached while
+-- the queue was small would read the whole queue on every call.
 CREATE FUNCTION formulary.bury_expired(p_max_deliveries integer)
 RETURNS integer LANGUAGE plpgsql AS $$
 DECLARE
-    v_buried integer;
+    v_due record;
+    v_buried integer := 0;
 BEGIN
-    WITH due AS (
+    FOR v_due IN
         SELECT m.id FROM formulary.messages m
          WHERE m.state <> 'dead' AND m.deliveries > 0 AND m.visible_at <= now()
            AND m.deliveries >= p_max_deliveries
          ORDER BY m.visible_at, m.seq
            FOR UPDATE SKIP LOCKED
-    )
-    UPDATE formulary.messages m
-       SET state = 'dead', dead_at = m.visible_at, lease_token = NULL, consumer = NULL
-      FROM due WHERE m.id = due.id;
-    GET DIAGNOSTICS v_buried = ROW_COUNT;
+    LOOP
+        UPDATE formulary.messages m
+           SET state = 'dead', dead_at = m.visible_at, lease_token = NULL, consumer = NULL
+         WHERE m.id = v_due.id;
+        v_buried := v_buried + 1;
+    END LOOP;
     IF v_buried > 0 THEN
         UPDATE formulary.counters c SET live = c.live - v_buried
          WHERE c.slot = pg_backend_pid() % 16;

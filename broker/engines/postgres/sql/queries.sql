@@ -105,12 +105,13 @@ SELECT (SELECT coalesce(sum(c.formulas), 0) FROM formulary.counters c)::bigint,
 -- name: forget_expired_keys
 -- A batch of keys past their time (lookups ignore them already; this only
 -- keeps the table small). Several brokers may sweep at once: each skips what
--- another holds.
+-- another holds. The batch is deleted by its rows' ctid (locked, so they stay
+-- put): matched by key instead, the planner may scan the whole table.
 DELETE FROM formulary.idempotency_keys k
- WHERE (k.owner, k.key) IN (SELECT k2.owner, k2.key FROM formulary.idempotency_keys k2
-                             WHERE k2.expires_at <= now()
-                             LIMIT 1000
-                               FOR UPDATE SKIP LOCKED);
+ WHERE k.ctid = ANY (ARRAY(SELECT k2.ctid FROM formulary.idempotency_keys k2
+                            WHERE k2.expires_at <= now()
+                            LIMIT 1000
+                              FOR UPDATE SKIP LOCKED));
 
 -- name: api_key
 -- One key, read afresh on every call: a revocation on any host counts at once.

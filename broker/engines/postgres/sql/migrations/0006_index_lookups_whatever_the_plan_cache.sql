@@ -1,0 +1,6 @@
+-- Version 6: no table changes. formulary.submit_many reads a group's answers
+-- by id with one index lookup per submit, and formulary.bury_expired updates
+-- each message it buries by id, where both joined in ways that a plan cached
+-- while the tables were small turned into reading the whole table on every
+-- call (../functions.sql; tests/test_postgres_plans.py). The version rises
+-- with every change to functions.sql (see 0004).
