@@ -68,17 +68,11 @@ def open_pool(conninfo: str) -> Pool:
         },
         configure=configure,
         check=check_if_idle,
-        reset=mark_returned,
         timeout=ACQUIRE_TIMEOUT,
         name="formulary",
         open=True,
     )
     return pool
-
-
-def mark_returned(connection: Any) -> None:
-    """The pool's ``reset`` hook: note when the connection came back."""
-    connection.formulary_returned = time.monotonic()
 
 
 def check_if_idle(connection: Any) -> None:
@@ -96,7 +90,14 @@ def lend(pool: Pool, passing: tuple[type[BaseException], ...] = ()) -> Iterator[
     """
     try:
         with pool.connection() as connection:
-            yield connection
+            try:
+                yield connection
+            finally:
+                # For check_if_idle. Noted here rather than in the pool's reset
+                # hook, which would hand every returned connection to a pool
+                # thread: a thread switch per call, and the connection lent
+                # again only once that thread has run.
+                connection.formulary_returned = time.monotonic()  # type: ignore[attr-defined]
     except passing:
         raise
     except PoolTimeout as exc:
