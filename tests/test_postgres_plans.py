@@ -5,8 +5,8 @@ live for hours and keep the plans they made, so a plan chosen while a table
 held a handful of rows (a sequential scan is the cheapest way to read ten
 rows) is used still when it holds millions, until the table is analyzed
 again. A statement that scans ``formulas`` or ``messages`` then costs in
-proportion to the data: in one such regression, submits grew ten times
-dearer over a few thousand formulas and halved ingest.
+proportion to the data: in one such regression (3dc23eb), a submit cost the
+database five times as much after 4,000 formulas and 25 times after 12,000.
 
 This test makes those conditions on purpose: autovacuum off on the engine's
 tables, every call made several times while they are empty (so each cached
@@ -93,17 +93,17 @@ def every_call(broker: PostgresBroker, tag: str) -> None:
     page = broker.list_formulas(5)
     broker.list_formulas(5, page.next_cursor)
     deliveries = broker.receive("plans", max_messages=4, visibility_timeout=60)
-    if deliveries:
-        broker.extend(deliveries[0].receipt, 60)
-        broker.complete(deliveries[0].receipt, {"material_count": 2})
-        broker.complete_many([(d.receipt, {"material_count": 2}) for d in deliveries[1:2]])
-        broker.message_info(deliveries[-1].message_id)
-        broker.ack(deliveries[-1].receipt)
-    if len(deliveries) > 2:
-        broker.nack(deliveries[2].receipt)  # its first delivery of MAX_DELIVERIES
-        again = broker.receive("plans", max_messages=1, visibility_timeout=60)
-        broker.nack(again[0].receipt)  # its last: a dead letter
-        broker.redrive(again[0].message_id)
+    assert len(deliveries) == 4
+    broker.extend(deliveries[0].receipt, 60)
+    broker.complete(deliveries[0].receipt, {"material_count": 2})
+    broker.complete_many([(deliveries[1].receipt, {"material_count": 2})])
+    broker.message_info(deliveries[3].message_id)
+    broker.ack(deliveries[3].receipt)
+    broker.nack(deliveries[2].receipt)  # its first delivery of MAX_DELIVERIES
+    [again] = broker.receive("plans", max_messages=1, visibility_timeout=60)
+    assert again.message_id == deliveries[2].message_id  # redeliveries come first
+    broker.nack(again.receipt)  # its last: a dead letter
+    broker.redrive(again.message_id)
     broker.dead_letters(10)
     broker.redrive_all()
     broker.sweep()
@@ -134,7 +134,10 @@ def test_no_call_scans_a_growing_table_with_plans_made_while_it_was_empty(
 
     plans: list[str] = []
     with engine._pool.connection() as connection:
-        connection.execute("LOAD 'auto_explain'")
+        try:
+            connection.execute("LOAD 'auto_explain'")
+        except psycopg.errors.UndefinedFile:
+            pytest.skip("this PostgreSQL has no auto_explain module (contrib) to read plans with")
         for setting, value in (
             ("auto_explain.log_min_duration", "0"),
             ("auto_explain.log_nested_statements", "on"),
