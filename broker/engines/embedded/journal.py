@@ -119,6 +119,18 @@ def open_journal(data: str) -> Journal:
 # -- the SQLite journal ---------------------------------------------------------------
 
 
+CHECKPOINT_PAGES: Final = 200
+"""WAL pages (4 KiB each) after which a commit also copies the WAL into the file.
+
+That checkpoint runs inside the commit, so under the broker's lock: every
+submit waits for it. SQLite's default is 1,000 pages. With a million formulas
+stored, their rows and index pages are spread over a 340 MB file, and a
+checkpoint of 1,000 pages took 15-25 ms (10,000 pages: 60-70 ms). Checkpoints
+of 200 pages take 5-8 ms, and less time in all (about 120 against 250 ms
+over 2,000 commits). Submit p99 at 1,000,000 stored formulas went from about 20 to
+12 ms (bench/README.md)."""
+
+
 class SqliteJournal:
     """The journal in a WAL-mode SQLite file, created on first use.
 
@@ -171,6 +183,7 @@ class SqliteJournal:
                     f"(journal mode stays {mode!r}); put it on a local file system"
                 )
             conn.execute(f"PRAGMA synchronous = {synchronous}")
+            conn.execute(f"PRAGMA wal_autocheckpoint = {CHECKPOINT_PAGES:d}")
             self._migrate(conn, version)
         except sqlite3.Error as exc:
             raise _open_error(self.path, exc) from exc
