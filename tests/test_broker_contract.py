@@ -143,6 +143,31 @@ def serve(server: Any) -> None:
         server.serve_forever()
 
 
+def at_once(calls: list[Callable[[], Any]]) -> list[Any]:
+    """Each call in a thread of its own, all released together by a barrier.
+
+    Returns what each returned, or the exception it raised, in the calls' order;
+    fails if any has not returned within 30 s.
+    """
+    results: list[Any] = [None] * len(calls)
+    barrier = threading.Barrier(len(calls))
+
+    def run(i: int) -> None:
+        barrier.wait()
+        try:
+            results[i] = calls[i]()
+        except Exception as exc:
+            results[i] = exc
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(calls))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert not any(thread.is_alive() for thread in threads), "a call did not return in 30 s"
+    return results
+
+
 def draft(name: str, *materials: tuple[str, str]) -> Any:
     parts = ", ".join(f'{{"name": "{m}", "concentration": {c}}}' for m, c in materials)
     return parse_formula(f'{{"name": "{name}", "materials": [{parts}]}}'.encode())
@@ -319,27 +344,17 @@ def test_groups_racing_on_the_same_make_ups_store_each_once(open_broker) -> None
     broker = open_broker(queue_capacity=100)
     makeups = [draft(f"F{i}", (f"M{i}", "1")) for i in range(6)]
     orders = [makeups, makeups[::-1], makeups[3:] + makeups[:3], makeups[1::2] + makeups[::2]]
-    answers: dict[int, list[object]] = {}
-    barrier = threading.Barrier(len(orders))
-
-    def submit(n: int) -> None:
-        barrier.wait()
-        answers[n] = broker.submit_many([(m, None) for m in orders[n]])
-
-    threads = [threading.Thread(target=submit, args=(n,)) for n in range(len(orders))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=30)
-    assert len(answers) == len(orders)
+    answers = at_once(
+        [lambda order=order: broker.submit_many([(m, None) for m in order]) for order in orders]
+    )
     stored: dict[str, str] = {}
-    for n, outcomes in answers.items():
+    for n, outcomes in enumerate(answers):
         for makeup, outcome in zip(orders[n], outcomes, strict=True):
             if isinstance(outcome, Submission):
                 assert makeup.fingerprint not in stored, "a make-up was accepted twice"
                 stored[makeup.fingerprint] = outcome.formula.id
     assert set(stored) == {m.fingerprint for m in makeups}
-    for n, outcomes in answers.items():
+    for n, outcomes in enumerate(answers):
         for makeup, outcome in zip(orders[n], outcomes, strict=True):
             if isinstance(outcome, DuplicateFormula):
                 assert outcome.existing_id == stored[makeup.fingerprint]
@@ -353,25 +368,12 @@ def test_concurrent_submits_each_get_their_own_answer(remote) -> None:
     # Through the client these share round trips (the queue holds 3); each thread still gets the
     # answer to its own submit, and a make-up is stored once.
     makeups = [draft(f"F{i}", (f"M{i % 3}", "1")) for i in range(16)]
-    results: dict[int, object] = {}
-    barrier = threading.Barrier(16)
-
-    def submit(i: int) -> None:
-        barrier.wait()
-        try:
-            results[i] = remote.submit(makeups[i]).formula.fingerprint
-        except DuplicateFormula as exc:
-            results[i] = exc
-
-    threads = [threading.Thread(target=submit, args=(i,)) for i in range(16)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=30)
-    accepted = [r for r in results.values() if isinstance(r, str)]
-    assert len(results) == 16 and sorted(accepted) == sorted({d.fingerprint for d in makeups})
-    for i, outcome in results.items():
-        if isinstance(outcome, DuplicateFormula):
+    results = at_once([lambda m=m: remote.submit(m).formula.fingerprint for m in makeups])
+    accepted = [r for r in results if isinstance(r, str)]
+    assert sorted(accepted) == sorted({d.fingerprint for d in makeups})
+    for i, outcome in enumerate(results):
+        if not isinstance(outcome, str):
+            assert isinstance(outcome, DuplicateFormula), outcome
             assert outcome.fingerprint == makeups[i].fingerprint
     assert remote.stats().formulas == 3 and remote.stats().duplicates == 13
 
@@ -413,21 +415,9 @@ def test_groups_racing_with_the_same_keys_give_each_key_one_answer(open_broker) 
         (draft(f"F{i}", (f"M{i}", "1")), IdempotencyKey(f"k{i}", f"body{i}")) for i in range(6)
     ]
     orders = [submits, submits[::-1], submits[3:] + submits[:3], submits[1::2] + submits[::2]]
-    answers: dict[int, list[object]] = {}
-    barrier = threading.Barrier(len(orders))
-
-    def submit(n: int) -> None:
-        barrier.wait()
-        answers[n] = broker.submit_many(orders[n])
-
-    threads = [threading.Thread(target=submit, args=(n,)) for n in range(len(orders))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=30)
-    assert len(answers) == len(orders)
+    answers = at_once([lambda order=order: broker.submit_many(order) for order in orders])
     by_key: dict[str, list[Submission]] = {}
-    for n, outcomes in answers.items():
+    for n, outcomes in enumerate(answers):
         for (_, key), outcome in zip(orders[n], outcomes, strict=True):
             assert isinstance(outcome, Submission), outcome
             by_key.setdefault(key.key, []).append(outcome)
@@ -443,23 +433,8 @@ def test_concurrent_reads_each_get_their_own_answer(remote) -> None:
     # still gets its own formula, or FormulaNotFound naming its own id.
     ids = [remote.submit(draft(f"F{i}", (f"M{i}", "1"))).formula.id for i in range(3)]
     wanted = [*ids, "no-such-formula"] * 4
-    results: dict[int, object] = {}
-    barrier = threading.Barrier(len(wanted))
-
-    def read(i: int) -> None:
-        barrier.wait()
-        try:
-            results[i] = remote.get_formula(wanted[i]).id
-        except FormulaNotFound as exc:
-            results[i] = exc
-
-    threads = [threading.Thread(target=read, args=(i,)) for i in range(len(wanted))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=30)
-    assert len(results) == len(wanted)
-    for i, result in results.items():
+    results = at_once([lambda w=w: remote.get_formula(w).id for w in wanted])
+    for i, result in enumerate(results):
         if wanted[i] in ids:
             assert result == wanted[i]
         else:
@@ -625,22 +600,15 @@ def test_extend_keeps_a_lease_and_an_expired_one_cannot_be_extended(remote) -> N
 def test_consumers_racing_for_messages_each_get_different_ones(open_broker) -> None:
     broker = open_broker(queue_capacity=100)
     submitted = {broker.submit(draft(f"F{i}", (f"M{i}", "1"))).formula.id for i in range(40)}
-    got: list[str] = []
-    lock = threading.Lock()
-    barrier = threading.Barrier(4)
 
-    def consume() -> None:
-        barrier.wait()
-        while batch := broker.receive(threading.current_thread().name, 3, None, 0):
-            with lock:
-                got.extend(d.formula_id for d in batch)
+    def consume(name: str) -> list[str]:
+        got: list[str] = []
+        while batch := broker.receive(name, 3, None, 0):
+            got.extend(d.formula_id for d in batch)
+        return got
 
-    threads = [threading.Thread(target=consume, name=f"w{i}") for i in range(4)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=30)
-    assert sorted(got) == sorted(submitted)
+    each = at_once([lambda name=f"w{i}": consume(name) for i in range(4)])
+    assert sorted(id_ for got in each for id_ in got) == sorted(submitted)
     assert broker.stats().in_flight == 40 and broker.stats().delivered == 40
 
 
