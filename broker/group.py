@@ -15,9 +15,10 @@ by then. Each caller sleeps on a lock of its own, so no caller wakes only to
 sleep again.
 
 A caller handed the lead yields once (``time.sleep(0)``) before it takes the
-list. In the API's gevent worker that lets the hub look at the sockets first,
-so the requests that arrived while the last group was applied join this one
-instead of the next. Without it, over half of the groups at 8 connections
+list. In the API's gevent worker that lets the greenlets already runnable go
+first (gevent's ``sleep(0)`` does not wait for the loop to poll again): the
+ones whose requests the loop found ready in the same turn as the last
+group's answer then join this group instead of the next. Without it, over half of the groups at 8 connections
 held a single submit; with it, most hold two or three, and each round trip
 and commit is shared more (bench/README.md). Between threads it only gives
 up the GIL for a moment.
