@@ -18,10 +18,10 @@ A caller handed the lead yields once (``time.sleep(0)``) before it takes the
 list. In the API's gevent worker that lets the greenlets already runnable go
 first (gevent's ``sleep(0)`` does not wait for the loop to poll again): the
 ones whose requests the loop found ready in the same turn as the last
-group's answer then join this group instead of the next. Without it, over half of the groups at 8 connections
-held a single submit; with it, most hold two or three, and each round trip
-and commit is shared more (bench/README.md). Between threads it only gives
-up the GIL for a moment.
+group's answer then join this group instead of the next. Without it, over
+half of the groups at 8 connections held a single submit; with it, most hold
+two or three, and each round trip and commit is shared more
+(bench/README.md). Between threads it only gives up the GIL for a moment.
 
 Every caller gets back exactly its own outcome (a value, or an exception
 raised in its thread; :meth:`GroupCommit.outcomes` takes several items at
