@@ -61,7 +61,7 @@ SUMMARY = {
 def record(
     n: int, *, name: str | None = None, materials: tuple[Material, ...] = ()
 ) -> FormulaRecord:
-    return FormulaRecord(
+    return FormulaRecord.new(
         formula_id=f"formula-{n:06d}-abcdefgh",
         name=name if name is not None else f"Formula {n}",
         packed_materials=pack_materials(materials or (Material(f"Material {n}", Decimal("12.5")),)),
@@ -72,7 +72,7 @@ def record(
 
 
 def state(rec: FormulaRecord) -> dict[str, Any]:
-    return {name: getattr(rec, name) for name in FormulaRecord.__slots__}
+    return {name: getattr(rec, name) for name in FormulaRecord._fields}
 
 
 def dump(path: Path) -> list[str]:
@@ -543,7 +543,7 @@ from broker.engines.embedded.store import FormulaRecord
 journal = SqliteJournal(sys.argv[2])
 for n in range(1_000_000):
     formula_id = f"formula-{n:07d}"
-    journal.write([StoreFormula(FormulaRecord(
+    journal.write([StoreFormula(FormulaRecord.new(
         formula_id=formula_id,
         name=f"Formula {n}",
         packed_materials="Bergamot Oil\t15.5",

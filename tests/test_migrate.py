@@ -395,7 +395,7 @@ def test_a_record_the_target_refuses_rolls_the_whole_copy_back_and_a_rerun_succe
     journal = SqliteJournal(broken)
     twice = draft("Twice", "2")
     records = [
-        FormulaRecord(
+        FormulaRecord.new(
             f"formula-{i}-xxxxxxxxxxxx",
             twice.name,
             pack_materials(twice.materials),

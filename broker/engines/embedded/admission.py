@@ -64,7 +64,7 @@ class Admission:
         if not self._queue.has_room():
             self.refused_capacity += 1
             return QueueFull(self._queue.capacity)
-        record = FormulaRecord(
+        record = FormulaRecord.new(
             formula_id=self._new_id(),
             name=draft.name,
             packed_materials=pack_materials(draft.materials),

@@ -356,7 +356,7 @@ def _load_formulas(conn: sqlite3.Connection) -> tuple[list[FormulaRecord], dict[
         fingerprints[row[0]] = row[3]
         append(
             # The columns are FormulaRecord's parameters, in order.
-            FormulaRecord(*row)
+            FormulaRecord.new(*row)
         )
     return formulas, fingerprints
 

@@ -167,7 +167,7 @@ def _changes(records: portable.Records) -> Iterator[list[Change]]:
         stored: list[Change] = []
         acked: list[Change] = []
         for f in batch:
-            record = FormulaRecord(
+            record = FormulaRecord.new(
                 f.formula_id,
                 f.name,
                 _pack(f.materials),

@@ -61,7 +61,7 @@ def _rebuild(
 ) -> list[Change]:
     """Returns the messages buried on the way, for the journal."""
     for record in recovered.formulas:
-        store.add(record)
+        store.restore(record)
     buried: list[Change] = []
     for message in recovered.messages:
         # A message that used its last delivery before the crash is dead:

@@ -224,9 +224,8 @@ class EmbeddedBroker(EngineCalls):
                 deliveries = self._queue.receive(consumer, max_messages, visibility_timeout)
                 counts: list[Change] = []
                 for delivery in deliveries:
-                    record = self._store.get(delivery.formula_id)
+                    record = self._store.count_delivery(delivery.formula_id)
                     if record is not None:
-                        record.deliveries += 1
                         counts.append(
                             CountDelivery(
                                 delivery.message_id,
@@ -254,7 +253,7 @@ class EmbeddedBroker(EngineCalls):
         with self._lock:
             outcomes: list[str] = []
             changes: list[Change] = []
-            applies: list[tuple[str, FormulaRecord | None, str]] = []
+            applies: list[tuple[str, str | None, str]] = []  # receipt, formula id to mark
             now = self._wall_clock()
             seen: set[str] = set()
             for receipt, summary in results:
@@ -270,20 +269,19 @@ class EmbeddedBroker(EngineCalls):
                             changes.append(
                                 RecordResult(record.formula_id, lease.message_id, now, summary_json)
                             )
-                            record_to_mark = record
+                            to_mark: str | None = record.formula_id
                         else:
                             changes.append(DeleteMessage(lease.message_id))
-                            record_to_mark = None
-                        applies.append((receipt, record_to_mark, summary_json))
+                            to_mark = None
+                        applies.append((receipt, to_mark, summary_json))
                         seen.add(lease.message_id)
                 outcomes.append(outcome)
             if changes:
                 self._write(changes)
-            for receipt, record, summary_json in applies:
+            for receipt, formula_id, summary_json in applies:
                 self._queue.ack(receipt)
-                if record is not None:
-                    record.processed_at = now
-                    record.summary_json = summary_json
+                if formula_id is not None:
+                    self._store.record_result(formula_id, now, summary_json)
                     self._processed += 1
             self._settle_events()
             return outcomes

@@ -1,12 +1,25 @@
 """The formula store and its dedupe index.
 
 Plain dictionaries, no locking: the engine's facade (``service``) holds its
-lock around every call. Costs: ``add``/``discard_last``/``get``/
-``by_fingerprint`` are O(1); ``page`` is O(limit).
+lock around every call. Costs: ``add``/``restore``/``discard_last``/``get``/
+``by_fingerprint``/``count_delivery``/``record_result`` are O(1); ``page`` is
+O(limit).
 
-Records are kept in insertion order in a list so that the newest-first listing
-is a reverse slice and a cursor is just a position. Only the most recent record
-can be discarded, which is all an atomic submit's rollback needs.
+Each formula is kept as a plain tuple of strings, bytes and numbers, never as
+an object of a class: CPython's collector stops tracking such a tuple the
+first time it sees one, so the stored formulas cost a collection nothing.
+Class instances stay tracked: every full collection would walk every formula
+stored since the broker started (33 ms at 100,000, with every submit in
+flight waiting; a broker that runs for a month stores millions). A record is
+read as a :class:`FormulaRecord` and changed by replacing its tuple.
+Recovered records are the exception: ``restore`` keeps the journal's
+``FormulaRecord`` objects as they are, since copying a million of them adds
+about a tenth to the restart, and the broker process freezes everything it
+recovered out of the collector at start (``broker/__main__.py``).
+
+Ids are kept in insertion order in a list so that the newest-first listing
+is a reverse slice and a cursor is just a position. Only the most recent
+formula can be discarded, which is all an atomic submit's rollback needs.
 """
 
 from __future__ import annotations
@@ -14,7 +27,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from decimal import Decimal
-from typing import Any
+from typing import Any, NamedTuple, cast
 
 from broker.engines.shared import decode_cursor, encode_cursor, unpack_summary
 from broker.errors import InvalidCursor
@@ -22,30 +35,33 @@ from broker.formula import Material
 from broker.interface import FormulaView, rfc3339
 
 
-class FormulaRecord:
-    """One stored formula and its processing state (mutable, broker-private).
+class FormulaRecord(NamedTuple):
+    """One stored formula and its processing state, as a value.
 
     The materials and the summary are kept as one string each (see
     ``pack_materials`` and ``pack_summary``) and unpacked when a view is made:
     a million stored formulas then cost two million strings rather than
     several million dicts, ``Material`` and ``Decimal`` objects, which was
-    most of the broker's memory and recovery time.
+    most of the broker's memory and recovery time. Make one with
+    :meth:`new`, which takes the fingerprint as the hex text it is everywhere
+    else.
     """
 
-    __slots__ = (
-        "created_at",
-        "deliveries",
-        "digest",
-        "formula_id",
-        "message_id",
-        "name",
-        "packed_materials",
-        "processed_at",
-        "summary_json",
-    )
+    formula_id: str
+    name: str
+    packed_materials: str
+    digest: bytes
+    """The fingerprint's SHA-256 as its 32 bytes: half the size of the hex
+    text, and the dedupe index's key."""
+    message_id: str
+    created_at: float
+    deliveries: int = 0
+    processed_at: float | None = None
+    summary_json: str | None = None
 
-    def __init__(
-        self,
+    @classmethod
+    def new(
+        cls,
         formula_id: str,
         name: str,
         packed_materials: str,
@@ -55,18 +71,18 @@ class FormulaRecord:
         deliveries: int = 0,
         processed_at: float | None = None,
         summary_json: str | None = None,
-    ) -> None:
-        self.formula_id = formula_id
-        self.name = name
-        self.packed_materials = packed_materials
-        # The SHA-256 as its 32 bytes: half the size of the hex text, and the
-        # dedupe index's key.
-        self.digest = bytes.fromhex(fingerprint)
-        self.message_id = message_id
-        self.created_at = created_at
-        self.deliveries = deliveries
-        self.processed_at = processed_at
-        self.summary_json = summary_json
+    ) -> FormulaRecord:
+        return cls(
+            formula_id,
+            name,
+            packed_materials,
+            bytes.fromhex(fingerprint),
+            message_id,
+            created_at,
+            deliveries,
+            processed_at,
+            summary_json,
+        )
 
     @property
     def fingerprint(self) -> str:
@@ -130,45 +146,82 @@ class Page:
     next_cursor: str | None
 
 
+_Row = tuple[str, str, str, bytes, str, float, int, float | None, str | None]
+"""A ``FormulaRecord``'s fields as the plain tuple the store keeps (see the module)."""
+
+
+def _row(record: FormulaRecord) -> _Row:
+    # A copy as a plain tuple: the collector untracks only those, never an
+    # instance of a tuple's subclass such as a NamedTuple.
+    return cast(_Row, tuple(record))
+
+
 class FormulaStore:
     def __init__(self) -> None:
-        self._by_id: dict[str, FormulaRecord] = {}
-        self._by_digest: dict[bytes, FormulaRecord] = {}
-        self._order: list[FormulaRecord] = []
+        self._rows: dict[str, _Row | FormulaRecord] = {}  # formula id ->
+        self._by_digest: dict[bytes, str] = {}  # -> formula id
+        self._order: list[str] = []  # formula ids
 
     def __len__(self) -> int:
         return len(self._order)
 
     def __iter__(self) -> Iterator[FormulaRecord]:
-        return iter(self._order)
+        return (FormulaRecord._make(self._rows[formula_id]) for formula_id in self._order)
 
     def get(self, formula_id: str) -> FormulaRecord | None:
-        return self._by_id.get(formula_id)
+        row = self._rows.get(formula_id)
+        return None if row is None else FormulaRecord._make(row)
 
     def by_fingerprint(self, fingerprint: str) -> FormulaRecord | None:
-        return self._by_digest.get(bytes.fromhex(fingerprint))
+        formula_id = self._by_digest.get(bytes.fromhex(fingerprint))
+        return None if formula_id is None else FormulaRecord._make(self._rows[formula_id])
 
     def add(self, record: FormulaRecord) -> None:
         """Store a new record; its id and fingerprint must both be new."""
-        if record.formula_id in self._by_id or record.digest in self._by_digest:
+        self._put(record, _row(record))
+
+    def restore(self, record: FormulaRecord) -> None:
+        """``add`` for a record recovered from the journal: kept as it is (see the module)."""
+        self._put(record, record)
+
+    def _put(self, record: FormulaRecord, row: _Row | FormulaRecord) -> None:
+        if record.formula_id in self._rows or record.digest in self._by_digest:
             raise ValueError(f"formula {record.formula_id} is already stored")
-        self._order.append(record)
-        self._by_id[record.formula_id] = record
-        self._by_digest[record.digest] = record
+        self._order.append(record.formula_id)
+        self._rows[record.formula_id] = row
+        self._by_digest[record.digest] = record.formula_id
 
     def discard_last(self, record: FormulaRecord) -> None:
         """Undo the latest ``add`` (a submit that could not finish)."""
-        if not self._order or self._order[-1] is not record:
+        if not self._order or self._order[-1] != record.formula_id:
             raise ValueError("only the latest record can be discarded")
         self._order.pop()
-        del self._by_id[record.formula_id]
+        del self._rows[record.formula_id]
         del self._by_digest[record.digest]
+
+    def count_delivery(self, formula_id: str) -> FormulaRecord | None:
+        """One more delivery of the formula's message; the record as it now is."""
+        row = self._rows.get(formula_id)
+        if row is None:
+            return None
+        record = FormulaRecord._make(row)
+        record = record._replace(deliveries=record.deliveries + 1)
+        self._rows[formula_id] = _row(record)
+        return record
+
+    def record_result(self, formula_id: str, processed_at: float, summary_json: str) -> None:
+        """The formula was processed, with this summary; it must be stored."""
+        record = FormulaRecord._make(self._rows[formula_id])
+        self._rows[formula_id] = _row(
+            record._replace(processed_at=processed_at, summary_json=summary_json)
+        )
 
     def page(self, limit: int, cursor: str | None) -> Page:
         """Up to ``limit`` records, newest first, after ``cursor``."""
         end = len(self._order) if cursor is None else self._decode(cursor) - 1
         start = max(0, end - limit)
-        records = tuple(reversed(self._order[start:end]))
+        rows = self._rows
+        records = tuple(FormulaRecord._make(rows[i]) for i in reversed(self._order[start:end]))
         # A cursor is the 1-based position of the last record returned: the
         # list's order is the store's order, so no record has to carry it.
         next_cursor = encode_cursor(start + 1) if start > 0 and records else None
