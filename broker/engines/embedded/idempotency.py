@@ -15,16 +15,19 @@ string from two owners is two independent keys.
 Every key lives for the same ``ttl``, so keys expire in the order they were
 recorded: a deque in that order lets ``expire`` drop the old ones from the
 front in O(expired), never scanning the live keys. ``get`` and ``put`` are O(1).
+
+Each key is kept as a plain tuple of strings and numbers, which the garbage
+collector stops tracking, for the reason ``store`` gives: a day's keys would
+otherwise be walked by every full collection.
 """
 
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
+from typing import NamedTuple, cast
 
 
-@dataclass(frozen=True, slots=True)
-class Remembered:
+class Remembered(NamedTuple):
     """One key's first answer: the formula it named, and whether it was a 409."""
 
     key: str
@@ -36,19 +39,26 @@ class Remembered:
     """The id of the API key that sent it; ``""`` with ``FORMULARY_AUTH=off``."""
 
 
+_Row = tuple[str, str, str, bool, float, str]
+"""A ``Remembered``'s fields as the plain tuple kept (the collector untracks only those)."""
+
+
 class IdempotencyKeys:
     def __init__(self, ttl: float) -> None:
         self.ttl = ttl
-        self._by_key: dict[tuple[str, str], Remembered] = {}  # (owner, key) ->
-        self._order: deque[Remembered] = deque()
+        self._by_key: dict[tuple[str, str], _Row] = {}  # (owner, key) ->
+        self._order: deque[_Row] = deque()
 
     def __len__(self) -> int:
         return len(self._by_key)
 
     def get(self, owner: str, key: str, now: float) -> Remembered | None:
         """The live answer for ``owner``'s ``key``; an expired one counts as none."""
-        remembered = self._by_key.get((owner, key))
-        return remembered if remembered is not None and remembered.expires_at > now else None
+        row = self._by_key.get((owner, key))
+        if row is None:
+            return None
+        remembered = Remembered._make(row)
+        return remembered if remembered.expires_at > now else None
 
     def put(
         self, owner: str, key: str, body_digest: str, formula_id: str, duplicate: bool, now: float
@@ -59,20 +69,26 @@ class IdempotencyKeys:
 
     def restore(self, remembered: Remembered) -> None:
         """Add a remembered answer (from ``put`` or from the journal, oldest first)."""
-        self._by_key[remembered.owner, remembered.key] = remembered
-        self._order.append(remembered)
+        row = cast(_Row, tuple(remembered))
+        self._by_key[remembered.owner, remembered.key] = row
+        self._order.append(row)
 
     def discard(self, remembered: Remembered) -> None:
         """Undo the latest ``put`` (a submit that could not finish)."""
-        if self._order and self._order[-1] is remembered:
+        if self._order and self._order[-1] == remembered:
             self._order.pop()
         self._by_key.pop((remembered.owner, remembered.key), None)
 
     def expire(self, now: float) -> int:
         dropped = 0
-        while self._order and self._order[0].expires_at <= now:
-            old = self._order.popleft()
-            if self._by_key.get((old.owner, old.key)) is old:
+        while self._order:
+            row = self._order[0]
+            old = Remembered._make(row)
+            if old.expires_at > now:
+                break
+            self._order.popleft()
+            # The key may have been recorded again since, under a newer row.
+            if self._by_key.get((old.owner, old.key)) is row:
                 del self._by_key[old.owner, old.key]
             dropped += 1
         return dropped
