@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import threading
 from decimal import Decimal
 
@@ -203,3 +204,35 @@ def test_a_batch_with_a_summary_json_cannot_hold_records_the_others(broker) -> N
     assert outcomes == ["invalid_summary", "completed"]
     assert broker.get_formula(a.id).status == "queued"
     assert broker.get_formula(b.id).status == "processed"
+
+
+def test_what_the_broker_keeps_per_formula_is_never_walked_by_the_garbage_collector() -> None:
+    # A full collection walks every object the collector tracks, with the
+    # broker's lock held by whoever triggered it. The state kept per formula
+    # (its record, its key's answer, its message while nobody has read it)
+    # must not be among them, or the pause grows with every formula stored.
+    broker = EmbeddedBroker()
+
+    def submit(n: int) -> None:
+        broker.submit(draft((f"Material {n}", "1"), name=f"F{n}"), IdempotencyKey(f"k{n}", "d"))
+
+    def tracked() -> int:
+        gc.collect()
+        return len(gc.get_objects())
+
+    def process(count: int) -> None:
+        for _ in range(0, count, 100):
+            receipts = [d.receipt for d in broker.receive("w", min(count, 100))]
+            assert len(receipts) == min(count, 100)
+            broker.complete_many([(receipt, {"ok": True}) for receipt in receipts])
+
+    submit(0)
+    process(1)  # everything made once, on first use, is made now
+    before = tracked()
+    for n in range(1, 2_001):
+        submit(n)
+    process(1_000)  # half processed and acked; half waiting, never read
+    after = tracked()
+
+    assert broker.stats().formulas == 2_001 and broker.stats().depth == 1_000
+    assert after - before < 100, f"{after - before} more tracked objects for 2,000 formulas"

@@ -130,10 +130,18 @@ _HeapEntry: TypeAlias = tuple[float, int, str]
 class MessageQueue:
     """At-least-once queue with leases, redelivery priority and dead letters.
 
-    Structures: a dict of every message by id; two FIFO deques of ready ids
-    (redelivery first, then fresh); a min-heap of lease deadlines and one of
-    delayed visibility times, both with lazy invalidation; an insertion-ordered
-    dict of dead ids (oldest first). Gauges and totals are plain counters.
+    Structures: a dict of every message ever received by id, and one of the
+    messages never received yet; two FIFO deques of ready ids (redelivery
+    first, then fresh); a min-heap of lease deadlines and one of delayed
+    visibility times, both with lazy invalidation; an insertion-ordered dict
+    of dead ids (oldest first). Gauges and totals are plain counters.
+
+    A message that nobody has received yet is only its formula id and
+    fingerprint, a plain tuple that CPython's collector stops tracking; its
+    ``_Message`` is made at its first delivery (or when something asks about
+    it). A backlog of a million unread messages then costs the broker's full
+    garbage collections nothing, where a million objects made each one walk
+    them all with every submit in flight waiting.
 
     Every operation whose answer depends on the time first promotes what is
     due by now ("+ P" below): expired leases go to the redelivery queue (or to
@@ -190,6 +198,7 @@ class MessageQueue:
         self._new_token = new_token if new_token is not None else _random_token
 
         self._messages: dict[str, _Message] = {}
+        self._unread: dict[str, tuple[str, str]] = {}  # id -> (formula id, fingerprint)
         self._fresh: deque[str] = deque()
         self._redelivery: deque[str] = deque()
         self._leases: list[_HeapEntry] = []
@@ -236,11 +245,11 @@ class MessageQueue:
         Raises ``ValueError`` if ``message_id`` is already known (live or dead)
         and ``QueueFull`` if the queue holds ``capacity`` live messages.
         """
-        if message_id in self._messages:
+        if message_id in self._messages or message_id in self._unread:
             raise ValueError(f"message {message_id!r} already exists")
         if not self.has_room():
             raise QueueFull(self._capacity)
-        self._messages[message_id] = _Message(message_id, formula_id, fingerprint, 0)
+        self._unread[message_id] = (formula_id, fingerprint)
         self._fresh.append(message_id)
         self._published += 1
 
@@ -253,7 +262,8 @@ class MessageQueue:
         if not self._fresh or self._fresh[-1] != message_id:
             raise ValueError(f"message {message_id!r} is not the newest fresh message")
         self._fresh.pop()
-        del self._messages[message_id]
+        if self._unread.pop(message_id, None) is None:
+            del self._messages[message_id]  # asked about since, so made
         self._published -= 1
 
     def restore(
@@ -267,10 +277,14 @@ class MessageQueue:
         checked, so that a restart never drops a message; no event is recorded
         and no total counts it.
         """
-        if message_id in self._messages:
+        if message_id in self._messages or message_id in self._unread:
             raise ValueError(f"message {message_id!r} already exists")
         if deliveries < 0:
             raise ValueError(f"deliveries must not be negative, not {deliveries}")
+        if deliveries == 0 and not dead:
+            self._unread[message_id] = (formula_id, fingerprint)
+            self._fresh.append(message_id)
+            return
         message = _Message(message_id, formula_id, fingerprint, deliveries)
         self._messages[message_id] = message
         if dead:
@@ -306,7 +320,8 @@ class MessageQueue:
             if not source:
                 break
             receipt = self._new_receipt(source[0])
-            message = self._messages[source.popleft()]
+            message_id = source.popleft()
+            message = self._messages.get(message_id) or self._first_read(message_id)
             message.deliveries += 1
             self._lease(message, receipt, consumer, deadline)
             self._delivered += 1
@@ -336,7 +351,7 @@ class MessageQueue:
         """
         message_id = _message_id_of(receipt)
         self._promote_due(self._clock())
-        message = self._messages.get(message_id)
+        message = self._get(message_id)
         if message is None:
             return False
         self._check_current(message, receipt)
@@ -355,7 +370,7 @@ class MessageQueue:
         """
         message_id = _message_id_of(receipt)
         self._promote_due(self._clock())
-        message = self._messages.get(message_id)
+        message = self._get(message_id)
         if message is None:
             return None
         self._check_current(message, receipt)
@@ -421,7 +436,7 @@ class MessageQueue:
     def info(self, message_id: str) -> MessageInfo | None:
         """The message's current state, or None if there is no such message."""
         self._promote_due(self._clock())
-        message = self._messages.get(message_id)
+        message = self._get(message_id)
         return None if message is None else _info(message)
 
     def dead_letters(self, limit: int | None = None) -> list[MessageInfo]:
@@ -541,7 +556,7 @@ class MessageQueue:
         )
 
     def _current(self, receipt: str) -> _Message:
-        message = self._messages.get(_message_id_of(receipt))
+        message = self._get(_message_id_of(receipt))
         if message is None:
             raise StaleReceipt(receipt)
         self._check_current(message, receipt)
@@ -567,8 +582,22 @@ class MessageQueue:
             heapq.heappop(heap)
         return None
 
+    def _get(self, message_id: str) -> _Message | None:
+        """The message, or None if there is no such message (any more)."""
+        message = self._messages.get(message_id)
+        if message is None and message_id in self._unread:
+            message = self._first_read(message_id)
+        return message
+
+    def _first_read(self, message_id: str) -> _Message:
+        """Make the ``_Message`` of a message nobody has received yet."""
+        formula_id, fingerprint = self._unread.pop(message_id)
+        message = _Message(message_id, formula_id, fingerprint, 0)
+        self._messages[message_id] = message
+        return message
+
     def _live(self) -> int:
-        return len(self._messages) - len(self._dead)
+        return len(self._messages) + len(self._unread) - len(self._dead)
 
 
 def _random_token() -> str:
