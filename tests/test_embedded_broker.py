@@ -213,8 +213,9 @@ def test_what_the_broker_keeps_per_formula_is_never_walked_by_the_garbage_collec
     # must not be among them, or the pause grows with every formula stored.
     broker = EmbeddedBroker()
 
-    def submit(n: int) -> None:
-        broker.submit(draft((f"Material {n}", "1"), name=f"F{n}"), IdempotencyKey(f"k{n}", "d"))
+    def submit(n: int) -> str:
+        key = IdempotencyKey(f"k{n}", "d")
+        return broker.submit(draft((f"Material {n}", "1"), name=f"F{n}"), key).formula.id
 
     def tracked() -> int:
         gc.collect()
@@ -229,9 +230,9 @@ def test_what_the_broker_keeps_per_formula_is_never_walked_by_the_garbage_collec
     submit(0)
     process(1)  # everything made once, on first use, is made now
     before = tracked()
-    for n in range(1, 2_001):
-        submit(n)
-    process(1_000)  # half processed and acked; half waiting, never read
+    ids = [submit(n) for n in range(1, 2_001)]
+    process(1_000)  # half processed and acked; half waiting, never received
+    assert {view.status for view in broker.get_formulas(ids)} == {"processed", "queued"}
     after = tracked()
 
     assert broker.stats().formulas == 2_001 and broker.stats().depth == 1_000

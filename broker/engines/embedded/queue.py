@@ -138,10 +138,10 @@ class MessageQueue:
 
     A message that nobody has received yet is only its formula id and
     fingerprint, a plain tuple that CPython's collector stops tracking; its
-    ``_Message`` is made at its first delivery (or when something asks about
-    it). A backlog of a million unread messages then costs the broker's full
-    garbage collections nothing, where a million objects made each one walk
-    them all with every submit in flight waiting.
+    ``_Message`` is made at its first delivery. A backlog of a million unread
+    messages then costs the broker's full garbage collections nothing, where
+    a million objects made each one walk them all with every submit in
+    flight waiting.
 
     Every operation whose answer depends on the time first promotes what is
     due by now ("+ P" below): expired leases go to the redelivery queue (or to
@@ -263,7 +263,7 @@ class MessageQueue:
             raise ValueError(f"message {message_id!r} is not the newest fresh message")
         self._fresh.pop()
         if self._unread.pop(message_id, None) is None:
-            del self._messages[message_id]  # asked about since, so made
+            del self._messages[message_id]  # a redriven one
         self._published -= 1
 
     def restore(
@@ -351,8 +351,10 @@ class MessageQueue:
         """
         message_id = _message_id_of(receipt)
         self._promote_due(self._clock())
-        message = self._get(message_id)
+        message = self._messages.get(message_id)
         if message is None:
+            if message_id in self._unread:  # never delivered: no receipt is its lease
+                raise StaleReceipt(receipt)
             return False
         self._check_current(message, receipt)
         self._end_lease(message)
@@ -370,8 +372,10 @@ class MessageQueue:
         """
         message_id = _message_id_of(receipt)
         self._promote_due(self._clock())
-        message = self._get(message_id)
+        message = self._messages.get(message_id)
         if message is None:
+            if message_id in self._unread:
+                raise StaleReceipt(receipt)
             return None
         self._check_current(message, receipt)
         return _info(message)
@@ -436,8 +440,22 @@ class MessageQueue:
     def info(self, message_id: str) -> MessageInfo | None:
         """The message's current state, or None if there is no such message."""
         self._promote_due(self._clock())
-        message = self._get(message_id)
-        return None if message is None else _info(message)
+        message = self._messages.get(message_id)
+        if message is not None:
+            return _info(message)
+        unread = self._unread.get(message_id)
+        if unread is None:
+            return None
+        formula_id, fingerprint = unread
+        return MessageInfo(
+            message_id=message_id,
+            formula_id=formula_id,
+            fingerprint=fingerprint,
+            state=READY,
+            deliveries=0,
+            consumer=None,
+            visible_at=None,
+        )
 
     def dead_letters(self, limit: int | None = None) -> list[MessageInfo]:
         """Dead letters, oldest first; at most ``limit`` of them if given."""
@@ -556,8 +574,8 @@ class MessageQueue:
         )
 
     def _current(self, receipt: str) -> _Message:
-        message = self._get(_message_id_of(receipt))
-        if message is None:
+        message = self._messages.get(_message_id_of(receipt))
+        if message is None:  # gone, or never delivered
             raise StaleReceipt(receipt)
         self._check_current(message, receipt)
         return message
@@ -581,13 +599,6 @@ class MessageQueue:
                 return heap[0]
             heapq.heappop(heap)
         return None
-
-    def _get(self, message_id: str) -> _Message | None:
-        """The message, or None if there is no such message (any more)."""
-        message = self._messages.get(message_id)
-        if message is None and message_id in self._unread:
-            message = self._first_read(message_id)
-        return message
 
     def _first_read(self, message_id: str) -> _Message:
         """Make the ``_Message`` of a message nobody has received yet."""
