@@ -60,8 +60,7 @@ def _rebuild(
     api_keys: ApiKeys,
 ) -> list[Change]:
     """Returns the messages buried on the way, for the journal."""
-    for record in recovered.formulas:
-        store.restore(record)
+    store.restore(recovered.formulas)
     buried: list[Change] = []
     for message in recovered.messages:
         # A message that used its last delivery before the crash is dead:

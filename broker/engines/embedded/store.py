@@ -1,9 +1,9 @@
 """The formula store and its dedupe index.
 
 Plain dictionaries, no locking: the engine's facade (``service``) holds its
-lock around every call. Costs: ``add``/``restore``/``discard_last``/``get``/
+lock around every call. Costs: ``add``/``discard_last``/``get``/
 ``by_fingerprint``/``count_delivery``/``record_result`` are O(1); ``page`` is
-O(limit).
+O(limit); ``restore`` is O(records).
 
 Each formula is kept as a plain tuple of strings, bytes and numbers, never as
 an object of a class: CPython's collector stops tracking such a tuple the
@@ -178,18 +178,22 @@ class FormulaStore:
 
     def add(self, record: FormulaRecord) -> None:
         """Store a new record; its id and fingerprint must both be new."""
-        self._put(record, _row(record))
-
-    def restore(self, record: FormulaRecord) -> None:
-        """``add`` for a record recovered from the journal: kept as it is (see the module)."""
-        self._put(record, record)
-
-    def _put(self, record: FormulaRecord, row: _Row | FormulaRecord) -> None:
         if record.formula_id in self._rows or record.digest in self._by_digest:
             raise ValueError(f"formula {record.formula_id} is already stored")
         self._order.append(record.formula_id)
-        self._rows[record.formula_id] = row
+        self._rows[record.formula_id] = _row(record)
         self._by_digest[record.digest] = record.formula_id
+
+    def restore(self, records: Iterable[FormulaRecord]) -> None:
+        """``add`` for the records recovered from the journal, kept as they are (see the module)."""
+        rows, by_digest, order = self._rows, self._by_digest, self._order
+        for record in records:
+            formula_id, digest = record.formula_id, record.digest
+            if formula_id in rows or digest in by_digest:
+                raise ValueError(f"formula {formula_id} is already stored")
+            order.append(formula_id)
+            rows[formula_id] = record
+            by_digest[digest] = formula_id
 
     def discard_last(self, record: FormulaRecord) -> None:
         """Undo the latest ``add`` (a submit that could not finish)."""
