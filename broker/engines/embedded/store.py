@@ -24,7 +24,7 @@ formula can be discarded, which is all an atomic submit's rollback needs.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any, NamedTuple, cast
@@ -164,9 +164,6 @@ class FormulaStore:
 
     def __len__(self) -> int:
         return len(self._order)
-
-    def __iter__(self) -> Iterator[FormulaRecord]:
-        return (FormulaRecord._make(self._rows[formula_id]) for formula_id in self._order)
 
     def get(self, formula_id: str) -> FormulaRecord | None:
         row = self._rows.get(formula_id)
